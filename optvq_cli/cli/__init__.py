@@ -1,0 +1,33 @@
+"""The ``optvq`` command line: each command lives in its own module and only wires the library."""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+from ..errors import UserError
+from . import encode, eval, export, toy, train  # noqa: F401  (registers the commands)
+from .app import app, console
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"optvq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """OptVQ image tokenizer."""
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:  # a user's mistake raised below the CLI: one line, exit 1
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None

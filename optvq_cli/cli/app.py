@@ -1,0 +1,27 @@
+"""The Typer app every command registers on, and the one way to fail: ``fatal``."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="optvq",
+    help="OptVQ image tokenizer: images to token grids and back, with optimal-transport quantization.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def fatal(message: str, code: int = 1) -> NoReturn:
+    """One clear line on stderr and a non-zero exit: for a user's mistake, never a traceback."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def not_yet(command: str, issue: int) -> NoReturn:
+    fatal(f"`optvq {command}` is not implemented yet (tracked in issue {issue})", code=2)
