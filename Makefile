@@ -26,7 +26,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_assign.py
 
 toy: install
-	$(BIN)/optvq toy --out toy-out
+	$(BIN)/optvq toy --out toy-out --force
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache toy-out

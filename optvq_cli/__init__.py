@@ -1,8 +1,28 @@
 """optvq: an image tokenizer built on OptVQ (Zhang et al., "Preventing Local Pitfalls in Vector
 Quantization via Optimal Transport")."""
 
-from .model.assign import nearest_assign, sinkhorn_assign
-from .model.quantizer import OptVQuantizer, codebook_stats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# The public API, imported on first use so `optvq --help` does not pay for importing torch.
+_EXPORTS = {
+    "sinkhorn_assign": ".model.assign",
+    "nearest_assign": ".model.assign",
+    "OptVQuantizer": ".model.quantizer",
+    "codebook_stats": ".model.quantizer",
+}
 __all__ = ["OptVQuantizer", "codebook_stats", "nearest_assign", "sinkhorn_assign", "__version__"]
+
+if TYPE_CHECKING:
+    from .model.assign import nearest_assign, sinkhorn_assign
+    from .model.quantizer import OptVQuantizer, codebook_stats
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,8 +25,6 @@ STD_EPS = 1e-6
 SUM_EPS = 1e-8
 # Above this many bytes for one fp32 l x n matrix, sinkhorn_assign streams instead.
 DEFAULT_MAX_BYTES = 2 * 1024**3
-# Rows per block when streaming: small blocks stay in cache (measured in `make bench`).
-DEFAULT_CHUNK = 256
 _V_MAX = 1e30  # keeps a code that nothing reaches from overflowing its scaling
 
 
@@ -55,81 +53,69 @@ def _prepare(x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.
     return x.detach().float(), codes.detach().float().to(x.device)
 
 
-def _distances(x: torch.Tensor, codes: torch.Tensor, c2: torch.Tensor, out: torch.Tensor | None = None):
-    """Euclidean (not squared) distances, D_ij = ||x_i - c_j||, via one matrix multiply."""
-    x2 = (x * x).sum(1, keepdim=True)
-    d = torch.addmm(c2.unsqueeze(0), x, codes.t(), beta=1.0, alpha=-2.0, out=out)
-    return d.add_(x2).clamp_(min=0.0).sqrt_()
+def _block_rows(n: int, device: torch.device, chunk_size: int | None = None) -> int:
+    if chunk_size:
+        return chunk_size
+    # About 8 MiB of fp32 per block on CPU (stays in cache between the fused steps); larger on GPUs.
+    elems = 1 << 21 if device.type == "cpu" else 1 << 26
+    return max(1, elems // max(n, 1))
 
 
-def _center(x: torch.Tensor, codes: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    # Distances do not change under a common shift; centring keeps ||x||^2 + ||c||^2 - 2 x.c
-    # from cancelling catastrophically on features far from the origin (e.g. scaled by 1e6).
-    count = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)
-    total = x.sum(0, dtype=torch.float64)
-    _all_sum(count, group)
-    _all_sum(total, group)
-    mu = (total / count.clamp(min=1)).float()
-    return x - mu, codes - mu
+class _Pairs:
+    """x and codes laid out so one matrix multiply gives a block of squared distances:
+    [x, 1, ||x||^2] . [-2c, ||c||^2, 1] = ||x - c||^2.
+
+    Both are first centred on the pool's mean (distances do not change under a common shift, and
+    it keeps ||x||^2 + ||c||^2 - 2 x.c from cancelling on features far from the origin), then scaled
+    down by a power of two if their squares could overflow fp32 (D'' does not change under a
+    global scale)."""
+
+    def __init__(self, x: torch.Tensor, codes: torch.Tensor, group):
+        count = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)
+        total = _all_sum(torch.cat([count, x.sum(0, dtype=torch.float64)]), group)
+        self.l_total = float(total[0])
+        mu = (total[1:] / max(self.l_total, 1.0)).float()
+        x, codes = x - mu, codes - mu
+        big = torch.cat([x.abs().amax().reshape(1), codes.abs().amax().reshape(1)]).amax()
+        if group is not None:
+            dist.all_reduce(big, op=dist.ReduceOp.MAX, group=group)
+        if float(big) > 2.0**48:
+            shrink = 2.0 ** -(math.ceil(math.log2(float(big))) - 48)
+            x, codes = x * shrink, codes * shrink
+        self.x, self.codes = x, codes
+        x2 = (x * x).sum(1, keepdim=True)
+        c2 = (codes * codes).sum(1, keepdim=True)
+        self.xa = torch.cat([x, torch.ones_like(x2), x2], 1)
+        self.ca = torch.cat([-2.0 * codes, c2, torch.ones_like(c2)], 1)
+        # Sum over the whole matrix of D^2, in closed form (float64): the z-score's second moment
+        # without a pass over D.
+        xd, cd = x.double(), codes.double()
+        parts = _all_sum(torch.cat([(xd * xd).sum().reshape(1), xd.sum(0)]), group)
+        n = codes.shape[0]
+        self.sum_sq = float(n * parts[0] + self.l_total * (cd * cd).sum() - 2 * parts[1:] @ cd.sum(0))
+
+    def sq_dist(self, s: int, e: int, out: torch.Tensor, ca: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.mm(self.xa[s:e], (self.ca if ca is None else ca).t(), out=out)
+
+    def dist(self, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
+        return self.sq_dist(s, e, out).clamp_(min=0.0).sqrt_()
 
 
 def nearest_assign(x: torch.Tensor, codes: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """Vanilla VQ (Eq. 1): k_i = argmin_j ||x_i - c_j||.
 
-    Works on ``chunk_size`` rows at a time (default: enough rows for about 256 MiB of scores), so
-    the full l x n matrix is never built. Independent of every other row: batch-independent tokens.
+    Works on ``chunk_size`` rows at a time, so the full l x n matrix is never built. Each row is
+    independent of every other: tokens do not depend on the batch.
     """
     x, codes = _prepare(x, codes)
-    n = codes.shape[0]
-    if chunk_size is None:
-        chunk_size = max(1, (256 * 1024**2) // (4 * max(n, 1)))
-    c2 = (codes * codes).sum(1)
+    rows = _block_rows(codes.shape[0], x.device, chunk_size)
+    # ||x||^2 is constant along a row: argmin ||x - c||^2 = argmin ([x, 1] . [-2c, ||c||^2]).
+    xa = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    ca = torch.cat([-2.0 * codes, (codes * codes).sum(1, keepdim=True)], 1)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for s in range(0, x.shape[0], chunk_size):
-        # ||x||^2 is constant along a row, so argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c).
-        scores = torch.addmm(c2.unsqueeze(0), x[s : s + chunk_size], codes.t(), alpha=-2.0)
-        out[s : s + chunk_size] = scores.argmin(1)
+    for s in range(0, x.shape[0], rows):
+        out[s : s + rows] = torch.mm(xa[s : s + rows], ca.t()).argmin(1)
     return out
-
-
-def _dist_stats(x, codes, c2, chunk, group, out=None):
-    """Global mean, unbiased std and min of D, combined blockwise (Chan et al.) in float64."""
-    cnt = 0.0
-    mean = torch.zeros((), dtype=torch.float64, device=x.device)
-    m2 = torch.zeros((), dtype=torch.float64, device=x.device)
-    dmin = torch.full((), math.inf, dtype=torch.float32, device=x.device)
-    for s in range(0, x.shape[0], chunk):
-        d = _distances(x[s : s + chunk], codes, c2, out=None if out is None else out[s : s + chunk])
-        bcnt = float(d.numel())
-        bmean = d.mean(dtype=torch.float64)
-        bm2 = _m2(d, bmean)
-        delta = bmean - mean
-        tot = cnt + bcnt
-        mean = mean + delta * (bcnt / tot)
-        m2 = m2 + bm2 + delta * delta * (cnt * bcnt / tot)
-        cnt = tot
-        dmin = torch.minimum(dmin, d.min())
-    if group is not None:
-        # Combine ranks: first the global mean, then the spread around it.
-        buf = torch.stack([torch.tensor(cnt, dtype=torch.float64, device=x.device), mean * cnt])
-        _all_sum(buf, group)
-        gmean = buf[1] / buf[0]
-        m2 = m2 + cnt * (mean - gmean) ** 2
-        _all_sum(m2, group)
-        _all_min(dmin, group)
-        cnt, mean = float(buf[0]), gmean
-    std = torch.sqrt(m2.clamp(min=0) / max(cnt - 1.0, 1.0))
-    return mean, std, dmin
-
-
-def _m2(d: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    # Sum of squared deviations without a float64 copy of a large matrix.
-    acc = torch.zeros((), dtype=torch.float64, device=d.device)
-    m = mean.float()
-    rows = max(1, (1 << 22) // max(d.shape[1], 1))
-    for s in range(0, d.shape[0], rows):
-        acc += ((d[s : s + rows] - m) ** 2).sum(dtype=torch.float64)
-    return acc
 
 
 def sinkhorn_assign(
@@ -156,21 +142,70 @@ def sinkhorn_assign(
     group = _default_group(distributed)
     if x.shape[0] == 0 and group is None:
         return torch.empty(0, dtype=torch.long, device=x.device)
-    x, codes = _center(x, codes, group)
-    n = codes.shape[0]
-    l_total = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)
-    _all_sum(l_total, group)
-    l_total = float(l_total)
-    c2 = (codes * codes).sum(1)
+    pairs = _Pairs(x, codes, group)
+    n, l_local = codes.shape[0], x.shape[0]
+    stream = chunk_size is not None or l_local * n * 4 > max_bytes
+    rows = _block_rows(n, x.device, chunk_size)
+    spans = [(s, min(s + rows, l_local)) for s in range(0, l_local, rows)]
+    store = torch.empty((rows if stream else l_local), n, device=x.device)
 
-    if chunk_size is None and x.shape[0] * n * 4 <= max_bytes:
-        return _sinkhorn_dense(x, codes, c2, epsilon, n_iters, n, l_total, group)
-    return _sinkhorn_stream(x, codes, c2, epsilon, n_iters, n, l_total, group, chunk_size or DEFAULT_CHUNK)
+    def view(s: int, e: int) -> torch.Tensor:
+        return store[: e - s] if stream else store[s:e]
 
+    # Sweep 1: mean and min of D (its second moment is closed-form), Eqs. 11-12.
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    dmin = torch.full((), math.inf, device=x.device)
+    for s, e in spans:
+        d = pairs.dist(s, e, view(s, e))
+        total += d.sum().double()
+        dmin = torch.minimum(dmin, d.min())
+    _all_sum(total, group)
+    _all_min(dmin, group)
+    count = pairs.l_total * n
+    mean = float(total) / count
+    var = (pairs.sum_sq - float(total) * mean) / max(count - 1.0, 1.0)
+    if var <= 1e-4 * pairs.sum_sq / count:  # ill-conditioned: exact sum of squared deviations
+        m2 = torch.zeros((), dtype=torch.float64, device=x.device)
+        for s, e in spans:
+            d = view(s, e) if not stream else pairs.dist(s, e, view(s, e))
+            m2 += (d - mean).square_().sum().double()
+        var = float(_all_sum(m2, group)) / max(count - 1.0, 1.0)
+    scale = epsilon / (math.sqrt(max(var, 0.0)) + STD_EPS)
+    shift = scale * float(dmin)
+    ca_scaled = pairs.ca * scale**2  # streaming folds the scale into the multiply
 
-def _kernel_(d: torch.Tensor, dmin: torch.Tensor, scale: float) -> torch.Tensor:
-    """In place: D -> exp(-eps D'') with D'' = (D - min D) / (std + 1e-6), scale = eps / (std + 1e-6)."""
-    return d.sub_(dmin).mul_(-scale).exp_()
+    def kernel(s: int, e: int) -> torch.Tensor:
+        """K = exp(-eps D'') = exp(scale min D - scale D) for rows s:e."""
+        if stream:
+            kb = pairs.sq_dist(s, e, view(s, e), ca_scaled).clamp_(min=0.0).sqrt_()
+            return torch.sub(shift, kb, out=kb).exp_()
+        return view(s, e)
+
+    # Sweep 2: K itself (kept in dense mode), its total mass and the first column sums.
+    colk = torch.zeros(n, device=x.device)
+    for s, e in spans:
+        kb = view(s, e).mul_(-scale).add_(shift).exp_() if not stream else kernel(s, e)
+        colk += kb.sum(0)
+    _all_sum(colk, group)
+    u0 = 1.0 / (float(colk.sum(dtype=torch.float64)) + SUM_EPS)  # A^0 scaled to total mass 1
+    u = torch.full((l_local,), u0, device=x.device)
+    v = _update(torch.ones(n, device=x.device), colk * u0, n)
+    # Each further sweep fuses one row scaling with the next column sums; the last row scaling
+    # cannot change any argmax and is skipped.
+    for _ in range(n_iters - 1):
+        col = torch.zeros(n, device=x.device)
+        for s, e in spans:
+            kb = kernel(s, e)
+            u[s:e] = ub = _update(u[s:e], torch.mv(kb, v) * u[s:e], pairs.l_total)
+            col.addmv_(kb.t(), ub)
+        v = _update(v, _all_sum(col, group) * v, n)
+    # Last sweep: k_i = argmax_j K_ij v_j.
+    idx = torch.empty(l_local, dtype=torch.long, device=x.device)
+    best = torch.empty(l_local, device=x.device)
+    for s, e in spans:
+        best[s:e], idx[s:e] = kernel(s, e).mul_(v).max(1)
+    _fix_dead_rows(idx, best, pairs, v, scale, float(dmin))
+    return idx
 
 
 def _update(v: torch.Tensor, sums: torch.Tensor, size: float) -> torch.Tensor:
@@ -179,89 +214,19 @@ def _update(v: torch.Tensor, sums: torch.Tensor, size: float) -> torch.Tensor:
     return torch.where(sums > 0, new, torch.zeros_like(new)).clamp_(max=_V_MAX)
 
 
-def _sinkhorn_dense(x, codes, c2, epsilon, n_iters, n, l_total, group):
-    k = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
-    block = max(1, (1 << 24) // max(n, 1))
-    _, std, dmin = _dist_stats(x, codes, c2, block, group, out=k)  # fills k with D
-    scale = float(epsilon / (std + STD_EPS))
-    for s in range(0, x.shape[0], block):  # blockwise keeps the pass in cache
-        _kernel_(k[s : s + block], dmin, scale)
-    total = _all_sum(k.sum(dtype=torch.float64).reshape(1), group)
-    u = torch.full((x.shape[0],), 1.0 / (float(total) + SUM_EPS), device=x.device)
-    v = torch.ones(n, device=x.device)
-    for t in range(n_iters):
-        col = _all_sum(torch.mv(k.t(), u) * v, group)
-        v = _update(v, col, n)
-        if t + 1 < n_iters:  # the last row scaling cannot change any argmax
-            u = _update(u, torch.mv(k, v) * u, l_total)
-    return _argmax_rows(k, v, x, codes, c2, dmin, scale)
-
-
-def _argmax_rows(k, v, x, codes, c2, dmin, scale, offset: int = 0):
-    block = max(1, (1 << 22) // max(k.shape[1], 1))
-    idx = torch.empty(k.shape[0], dtype=torch.long, device=k.device)
-    best = torch.empty(k.shape[0], dtype=torch.float32, device=k.device)
-    for s in range(0, k.shape[0], block):
-        best[s : s + block], idx[s : s + block] = (k[s : s + block] * v).max(1)
-    _fix_dead_rows(idx, best, x[offset : offset + k.shape[0]], codes, c2, v, dmin, scale)
-    return idx
-
-
-def _fix_dead_rows(idx, best, x, codes, c2, v, dmin, scale):
+def _fix_dead_rows(idx, best, pairs: _Pairs, v, scale: float, dmin: float) -> None:
     """Rows whose whole plan underflowed to 0 (a feature far from every code) are ties in the plain
     formulation; give them the limit the plan tends to, argmax_j (log K_ij + log v_j), computed in
     the log domain for just those rows."""
     dead = (best <= 0).nonzero().flatten()
     if dead.numel() == 0:
         return
-    d = _distances(x[dead], codes, c2)
+    d = torch.cdist(pairs.x[dead], pairs.codes)
     logv = torch.where(v > 0, v.log(), torch.full_like(v, -math.inf))
     score = -scale * (d - dmin) + logv
     if not torch.isfinite(score.max(1).values).all():  # no live code at all: plain nearest
         score = -d
     idx[dead] = score.argmax(1)
-
-
-def _sinkhorn_stream(x, codes, c2, epsilon, n_iters, n, l_total, group, chunk):
-    l_local = x.shape[0]
-    _, std, dmin = _dist_stats(x, codes, c2, chunk, group)
-    scale = float(epsilon / (std + STD_EPS))
-    buf = torch.empty(min(chunk, l_local), n, dtype=torch.float32, device=x.device)
-
-    def blocks():
-        for s in range(0, l_local, chunk):
-            kb = buf[: min(chunk, l_local - s)]
-            _distances(x[s : s + chunk], codes, c2, out=kb)
-            yield s, _kernel_(kb, dmin, scale)
-
-    # Pass 1: total mass and the first column sums (u is one constant scalar at the start).
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    colk = torch.zeros(n, dtype=torch.float32, device=x.device)
-    for _, kb in blocks():
-        cs = kb.sum(0)
-        colk += cs
-        total += cs.sum(dtype=torch.float64)
-    _all_sum(total, group)
-    _all_sum(colk, group)
-    u0 = 1.0 / (float(total) + SUM_EPS)
-    u = torch.full((l_local,), u0, device=x.device)
-    v = _update(torch.ones(n, device=x.device), colk * u0, n)
-    # Each later pass fuses this iteration's row scaling with the next one's column sums.
-    for _ in range(n_iters - 1):
-        col = torch.zeros(n, dtype=torch.float32, device=x.device)
-        for s, kb in blocks():
-            ub = u[s : s + kb.shape[0]]
-            ub = _update(ub, torch.mv(kb, v) * ub, l_total)
-            u[s : s + kb.shape[0]] = ub
-            col.addmv_(kb.t(), ub)
-        _all_sum(col, group)
-        v = _update(v, col * v, n)
-    idx = torch.empty(l_local, dtype=torch.long, device=x.device)
-    best = torch.empty(l_local, dtype=torch.float32, device=x.device)
-    for s, kb in blocks():
-        best[s : s + kb.shape[0]], idx[s : s + kb.shape[0]] = kb.mul_(v).max(1)
-    _fix_dead_rows(idx, best, x, codes, c2, v, dmin, scale)
-    return idx
 
 
 def sinkhorn_plans(
