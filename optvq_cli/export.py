@@ -1,0 +1,278 @@
+"""``optvq export``: an inference-only Hugging Face folder, and standalone programs for
+images -> indices (nearest assignment) and indices -> images, each checked against the model.
+
+Programs (written into the output folder):
+  torchscript   encode_indices.pt / decode_indices.pt     (torch.jit.trace; torch.jit.load)
+  torch-export  encode_indices.pt2 / decode_indices.pt2   (torch.export; torch.export.load)
+  onnx          encode_indices.onnx / decode_indices.onnx (needs the onnx packages)
+Each takes float32 NCHW images in [-1, 1] or int64 (B, heads, h, w) indices; H and W must be
+multiples of the downsampling factor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_model
+from .model.optvq import OptVQModel
+
+FORMATS = ("hf", "torchscript", "torch-export", "onnx")
+PROGRAM_SUFFIX = {"torchscript": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
+
+
+class IndexEncoder(nn.Module):
+    """Images (B, C, H, W) in [-1, 1] -> indices (B, heads, H/f, W/f): nearest code per head chunk.
+
+    The projected code table is frozen into buffers, so the program needs no quantizer code.
+    """
+
+    def __init__(self, model: OptVQModel):
+        super().__init__()
+        self.encoder, self.quant_conv = model.encoder, model.quant_conv
+        codes = model.quantizer.codes().detach().float()
+        self.register_buffer("codes", codes.clone())
+        self.register_buffer("codes_sq", (codes * codes).sum(1))
+        self.heads, self.code_dim = model.config.heads, model.config.code_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.quant_conv(self.encoder(images)).float()
+        b, _, h, w = z.shape
+        x = z.permute(0, 2, 3, 1).reshape(-1, self.code_dim)
+        # argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c): ||x||^2 is the same for every code.
+        idx = (self.codes_sq.unsqueeze(0) - 2.0 * (x @ self.codes.t())).argmin(dim=1)
+        return idx.reshape(b, h, w, self.heads).permute(0, 3, 1, 2)
+
+
+class IndexDecoder(nn.Module):
+    """Indices (B, heads, h, w) -> images (B, C, h*f, w*f), exact code lookup."""
+
+    def __init__(self, model: OptVQModel):
+        super().__init__()
+        self.decoder, self.post_quant_conv = model.decoder, model.post_quant_conv
+        self.register_buffer("codes", model.quantizer.codes().detach().float().clone())
+        self.e_dim = model.config.e_dim
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = indices.shape
+        vec = F.embedding(indices, self.codes)  # (b, heads, h, w, d)
+        z = vec.permute(0, 2, 3, 1, 4).reshape(b, h, w, self.e_dim).permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(z))
+
+
+@dataclass
+class Check:
+    """One exported program run against the PyTorch model right after export."""
+
+    path: Path
+    max_abs_diff: float | None = None  # images: largest |program - model|
+    index_mismatches: int | None = None  # indices: how many differ
+    index_total: int | None = None
+
+    def line(self) -> str:
+        if self.index_total is not None:
+            return f"{self.path.name}: {self.index_mismatches}/{self.index_total} indices differ from the model"
+        return f"{self.path.name}: largest |difference| from the model {self.max_abs_diff:.3g}"
+
+
+def example_images(model: OptVQModel, height: int, width: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Smooth deterministic test images in [-1, 1] (upsampled noise: image-like, not white noise)."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config.in_channels
+    small = torch.rand(batch, c, max(1, height // 4), max(1, width // 4), generator=g) * 2 - 1
+    return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+def check_size(model: OptVQModel, height: int, width: int) -> None:
+    f = model.downsample
+    if height % f or width % f or height < f or width < f:
+        raise UserError(f"--size {height}x{width}: must be a multiple of the model's downsampling factor {f}")
+
+
+# -- Hugging Face folder -------------------------------------------------------------------------
+def model_card(model: OptVQModel, sha256: str, dtype: str) -> str:
+    cfg, meta = model.config, model.metadata
+    counts = model.param_counts()
+    lines = [
+        "---",
+        "library_name: optvq",
+        "tags: [image-tokenizer, vector-quantization, optvq]",
+        "---",
+        "",
+        "# OptVQ image tokenizer",
+        "",
+        "An autoencoder with OptVQ quantization (Zhang et al., *Preventing Local Pitfalls in Vector "
+        "Quantization via Optimal Transport*), exported by `optvq export`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | {cfg.arch} |",
+        f"| downsampling factor | {cfg.downsample} |",
+        f"| codebook | {cfg.n_codes} codes x {cfg.code_dim} dims, {cfg.heads} heads (e_dim {cfg.e_dim}) |",
+        f"| input | {cfg.in_channels}-channel images in [-1, 1], sizes a multiple of {cfg.downsample} |",
+        f"| parameters | {counts['total']:,} |",
+        f"| weights | `{WEIGHTS_NAME}`, {dtype}, sha256 `{sha256}` |",
+        "",
+        "## Provenance",
+        "",
+        f"- exported from: `{model.source or 'a freshly built model'}`",
+    ]
+    if model.sha256:
+        lines.append(f"- source weights sha256: `{model.sha256}`")
+    for key in ("converted_from", "converted_from_sha256", "checkpoint_format", "preset", "dataset", "steps"):
+        if key in meta:
+            lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
+    metrics = meta.get("metrics")
+    if isinstance(metrics, dict) and metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "optvq info MODEL",
+        "optvq encode images/ tokens/ --model MODEL",
+        "optvq decode tokens/ reconstructions/ --model MODEL",
+        "```",
+        "",
+        "Tokens from `--assign nearest` do not depend on the rest of the batch; `--assign sinkhorn`",
+        "assigns the whole batch as one pool, as the authors' models do.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_hf(model: OptVQModel, out: Path, dtype: str | None = None) -> Path:
+    """Inference-only folder: config.json, model.safetensors, README.md (model card)."""
+    metadata = dict(model.metadata)
+    metadata["exported_from"] = model.source
+    if model.sha256:
+        metadata["source_sha256"] = model.sha256
+    save_model(model, out, metadata=metadata, dtype=dtype)
+    doc = json.loads((out / CONFIG_NAME).read_text())
+    card = model_card(model, doc["weights_sha256"], doc["weights_dtype"])
+    (out / "README.md").write_text(card)
+    return out
+
+
+# -- programs ------------------------------------------------------------------------------------
+def _programs(model: OptVQModel) -> tuple[nn.Module, nn.Module]:
+    return IndexEncoder(model).eval(), IndexDecoder(model).eval()
+
+
+def _trace(module: nn.Module, example: torch.Tensor):
+    return torch.jit.trace(module, (example,), check_trace=False)
+
+
+def export_programs(model: OptVQModel, out: Path, fmt: str, height: int, width: int) -> list[Check]:
+    """Write the two programs in ``fmt`` into ``out`` and check them against the model (on CPU)."""
+    check_size(model, height, width)
+    model.to("cpu").float().eval()  # programs are exported and checked on the CPU, in fp32
+    model.compute_dtype = None
+    enc, dec = _programs(model)
+    images = example_images(model, height, width)
+    with torch.no_grad():
+        ref_idx = model.encode_indices(images, assign="nearest")
+        ref_img = model.decode_indices(ref_idx)
+    if fmt not in PROGRAM_SUFFIX:
+        raise UserError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    suffix = PROGRAM_SUFFIX[fmt]
+    enc_path, dec_path = out / f"encode_indices{suffix}", out / f"decode_indices{suffix}"
+    # Exporters warn about tracing shape arithmetic and their own deprecations; the programs are
+    # checked against the model below instead.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            torch.jit.save(_trace(enc, images), str(enc_path))
+            torch.jit.save(_trace(dec, ref_idx), str(dec_path))
+            run_enc, run_dec = torch.jit.load(str(enc_path)), torch.jit.load(str(dec_path))
+        elif fmt == "torch-export":
+            _torch_export(enc, images, enc_path)
+            _torch_export(dec, ref_idx, dec_path)
+            run_enc = torch.export.load(str(enc_path)).module()
+            run_dec = torch.export.load(str(dec_path)).module()
+        elif fmt == "onnx":
+            run_enc = _onnx_export(enc, images, enc_path, "images", "indices")
+            run_dec = _onnx_export(dec, ref_idx, dec_path, "indices", "images")
+        got_idx = run_enc(images)
+        got_img = run_dec(ref_idx)
+    mismatches = int((got_idx.long() != ref_idx.cpu()).sum())
+    diff = float((got_img.float() - ref_img.cpu()).abs().max())
+    return [
+        Check(enc_path, index_mismatches=mismatches, index_total=ref_idx.numel()),
+        Check(dec_path, max_abs_diff=diff),
+    ]
+
+
+def _torch_export(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    from torch.export import Dim
+
+    # Batch and grid sizes stay symbolic, so one program serves any size the model accepts.
+    spec = {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}
+    try:
+        program = torch.export.export(module, (example,), dynamic_shapes=(spec,))
+    except Exception:  # some graphs specialize: fall back to the example's static shape
+        program = torch.export.export(module, (example,))
+    torch.export.save(program, str(path))
+
+
+def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, name_in: str, name_out: str):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("--format onnx needs the onnx packages: pip install onnx onnxruntime") from None
+    axes = {0: "batch", 2: "height", 3: "width"}
+    torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        input_names=[name_in],
+        output_names=[name_out],
+        dynamic_axes={name_in: axes, name_out: axes},
+        dynamo=False,
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name_in: x.cpu().numpy()})[0])
+
+    return run
+
+
+def describe(model: OptVQModel, height: int | None = None, width: int | None = None) -> dict[str, Any]:
+    """What ``optvq info`` prints, as a dict."""
+    cfg = model.config
+    info: dict[str, Any] = {
+        "arch": cfg.arch,
+        "downsample": cfg.downsample,
+        "heads": cfg.heads,
+        "n_codes": cfg.n_codes,
+        "code_dim": cfg.code_dim,
+        "e_dim": cfg.e_dim,
+        "bits_per_token": round(math.log2(cfg.n_codes), 3),
+        "in_channels": cfg.in_channels,
+        "resolution": cfg.resolution,
+        "parameters": model.param_counts(),
+        "source": model.source,
+        "sha256": model.sha256,
+        "ignored_tensors": len(model.ignored_keys),
+        "config": cfg.to_dict(),
+        "metadata": {k: v for k, v in model.metadata.items() if k != "upstream_config"},
+    }
+    if height is not None and width is not None:
+        f = cfg.downsample
+        info["size"] = [height, width]
+        info["token_grid"] = [cfg.heads, height // f, width // f]
+        info["tokens_per_image"] = cfg.heads * (height // f) * (width // f)
+        info["size_ok"] = height % f == 0 and width % f == 0 and height >= f and width >= f
+    return info

@@ -1,0 +1,312 @@
+"""One model class for every OptVQ autoencoder: encoder -> 1x1 quant_conv -> OptVQuantizer ->
+1x1 post_quant_conv -> decoder, with the named presets of the paper.
+
+The state-dict names are the authors' (``encoder.*``, ``decoder.*``, ``quant_conv.*``,
+``post_quant_conv.*``, ``quantize.*``): their training checkpoints use exactly these, their hub
+checkpoints the same under ``model.``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..device import autocast, resolve_device
+from ..errors import UserError
+from .plain_cnn import DOWNSAMPLE as PLAIN_DOWNSAMPLE
+from .plain_cnn import PlainCNNDecoder, PlainCNNEncoder
+from .quantizer import Assign, OptVQuantizer
+from .vqgan import GROUPS, Decoder, Encoder
+
+Arch = Literal["plain_cnn", "vqgan"]
+ARCHS = ("plain_cnn", "vqgan")
+_TUPLE_FIELDS = ("ch_mult", "attn_resolutions", "cnn_widths")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; ``config.json`` stores exactly these fields."""
+
+    arch: Arch = "vqgan"
+    in_channels: int = 3
+    out_channels: int | None = None  # None: same as in_channels
+    resolution: int = 256  # nominal training size; places the VQGAN's attention levels
+    # VQGAN encoder/decoder (taming-transformers' names)
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    z_channels: int = 256
+    dropout: float = 0.0
+    # plain CNN widths (paper's Table 4: 16, 16, 32)
+    cnn_widths: tuple[int, ...] = (16, 16, 32)
+    use_connector: bool = True  # 1x1 quant_conv / post_quant_conv around the quantizer
+    # quantizer (OptVQuantizer's arguments)
+    n_codes: int = 16384
+    e_dim: int = 256
+    heads: int = 4
+    beta: float = 0.25
+    epsilon: float = 10.0
+    n_iters: int = 5
+    loss_type: str = "l2"
+    commitment: str = "authors"
+    use_proj: bool = True
+    assign: str = "sinkhorn"  # the training assignment; encode_indices chooses its own
+
+    def __post_init__(self) -> None:
+        for name in _TUPLE_FIELDS:
+            setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        if self.out_channels is None:
+            self.out_channels = self.in_channels
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch {self.arch!r} is not one of {', '.join(ARCHS)}")
+        if self.heads < 1 or self.e_dim % self.heads:
+            raise ValueError(f"e_dim={self.e_dim} is not divisible by heads={self.heads}")
+        if self.n_codes < 1:
+            raise ValueError(f"n_codes={self.n_codes} must be positive")
+        if self.arch == "vqgan":
+            if not self.ch_mult:
+                raise ValueError("ch_mult is empty")
+            widths = [self.ch * m for m in self.ch_mult]
+            if any(w % GROUPS for w in widths):
+                raise ValueError(f"VQGAN widths {widths} must be multiples of {GROUPS} (GroupNorm groups)")
+        elif len(self.cnn_widths) != 3:
+            raise ValueError(f"cnn_widths needs 3 values, got {list(self.cnn_widths)}")
+        if not self.use_connector and self.hidden_dim != self.e_dim:
+            raise ValueError(f"use_connector=false needs hidden width {self.hidden_dim} == e_dim {self.e_dim}")
+
+    @property
+    def downsample(self) -> int:
+        """f: one token per f x f pixels."""
+        return PLAIN_DOWNSAMPLE if self.arch == "plain_cnn" else 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def code_dim(self) -> int:
+        return self.e_dim // self.heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Channels the encoder emits and the decoder takes (before/after the 1x1 connectors)."""
+        return self.cnn_widths[2] if self.arch == "plain_cnn" else self.z_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in _TUPLE_FIELDS:
+            d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; unknown or ill-typed fields raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError("the model config is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"bad config field: {e}") from None
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes``; changing in_channels moves out_channels along when they were equal."""
+        if "in_channels" in changes and "out_channels" not in changes and self.out_channels == self.in_channels:
+            changes["out_channels"] = changes["in_channels"]
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Table 4 / Sec. 4.2: plain CNN, n = 1024, e_dim 8, 4 heads (code dimension 2).
+    "mnist": ModelConfig(arch="plain_cnn", in_channels=1, resolution=28, n_codes=1024, e_dim=8, heads=4),
+    "cifar10": ModelConfig(arch="plain_cnn", in_channels=3, resolution=32, n_codes=1024, e_dim=8, heads=4),
+    # Sec. 4.1: VQGAN f = 16, n = 16384, e_dim 256 cut into 4 (or 8) heads.
+    "imagenet-f16-h4": ModelConfig(arch="vqgan", n_codes=16384, e_dim=256, heads=4),
+    "imagenet-f16-h8": ModelConfig(arch="vqgan", n_codes=16384, e_dim=256, heads=8),
+    # Small models for tests and quick experiments (a few thousand / a few hundred thousand parameters).
+    "tiny": ModelConfig(
+        arch="plain_cnn", in_channels=3, resolution=32, cnn_widths=(8, 8, 16), n_codes=64, e_dim=8, heads=2
+    ),
+    "tiny-vqgan": ModelConfig(
+        arch="vqgan",
+        in_channels=3,
+        resolution=16,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        z_channels=32,
+        n_codes=64,
+        e_dim=16,
+        heads=2,
+    ),
+}
+
+
+def _build_parts(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    if cfg.arch == "plain_cnn":
+        return PlainCNNEncoder(cfg.in_channels, cfg.cnn_widths), PlainCNNDecoder(cfg.out_channels, cfg.cnn_widths)
+    common = dict(
+        ch=cfg.ch,
+        ch_mult=cfg.ch_mult,
+        num_res_blocks=cfg.num_res_blocks,
+        attn_resolutions=cfg.attn_resolutions,
+        resolution=cfg.resolution,
+        z_channels=cfg.z_channels,
+        dropout=cfg.dropout,
+    )
+    return Encoder(in_channels=cfg.in_channels, **common), Decoder(out_channels=cfg.out_channels, **common)
+
+
+class OptVQModel(nn.Module):
+    """encode(images in [-1, 1]) -> (z_q, loss, indices); decode(z_q) -> images; plus the token
+    paths ``encode_indices`` / ``decode_indices``.
+
+    ``compute_dtype`` (None, torch.bfloat16 or torch.float16) autocasts the encoder, decoder and
+    connectors; the quantizer always runs in fp32.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder, self.decoder = _build_parts(config)
+        if config.use_connector:
+            self.quant_conv: nn.Module = nn.Conv2d(config.hidden_dim, config.e_dim, 1)
+            self.post_quant_conv: nn.Module = nn.Conv2d(config.e_dim, config.hidden_dim, 1)
+        else:
+            self.quant_conv, self.post_quant_conv = nn.Identity(), nn.Identity()
+        self.quantize = OptVQuantizer(
+            n_codes=config.n_codes,
+            e_dim=config.e_dim,
+            heads=config.heads,
+            beta=config.beta,
+            epsilon=config.epsilon,
+            n_iters=config.n_iters,
+            loss_type=config.loss_type,  # type: ignore[arg-type]
+            commitment=config.commitment,  # type: ignore[arg-type]
+            use_proj=config.use_proj,
+            assign=config.assign,  # type: ignore[arg-type]
+        )
+        self.compute_dtype: torch.dtype | None = None
+        # Provenance, filled by the loader.
+        self.source: str | None = None
+        self.sha256: str | None = None
+        self.metadata: dict[str, Any] = {}
+        self.ignored_keys: list[str] = []  # tensors in the file the model does not use
+
+    # -- description -------------------------------------------------------------------------
+    @property
+    def quantizer(self) -> OptVQuantizer:
+        return self.quantize
+
+    @property
+    def downsample(self) -> int:
+        return self.config.downsample
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """(heads, h, w) of the indices for an image of height x width pixels."""
+        f = self.downsample
+        return self.config.heads, height // f, width // f
+
+    def param_counts(self) -> dict[str, int]:
+        parts = {
+            "encoder": self.encoder,
+            "quant_conv": self.quant_conv,
+            "quantizer": self.quantize,
+            "post_quant_conv": self.post_quant_conv,
+            "decoder": self.decoder,
+        }
+        counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # -- checks ------------------------------------------------------------------------------
+    def check_images(self, images: torch.Tensor) -> None:
+        c, f = self.config.in_channels, self.downsample
+        if images.dim() != 4 or images.shape[1] != c:
+            raise UserError(f"the model takes (B, {c}, H, W) images, got shape {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % f or w % f or h < f or w < f:
+            raise UserError(f"image size {h}x{w} is not a multiple of the model's downsampling factor {f}")
+
+    def check_indices(self, indices: torch.Tensor) -> None:
+        heads, n = self.config.heads, self.config.n_codes
+        if indices.dim() != 4 or indices.shape[1] != heads:
+            raise UserError(
+                f"token grids for this model are (B, {heads} heads, h, w), got shape {tuple(indices.shape)}"
+            )
+        if indices.is_floating_point() or indices.is_complex():
+            raise UserError(f"token grids must hold integers, got {indices.dtype}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+            raise UserError(
+                f"token values {int(indices.min())}..{int(indices.max())} are outside this model's "
+                f"codebook 0..{n - 1}: the tokens come from a different model"
+            )
+
+    # -- the model ---------------------------------------------------------------------------
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-quantization features z_e (B, e_dim, h, w), fp32."""
+        self.check_images(images)
+        with autocast(images.device, self.compute_dtype):
+            h = self.quant_conv(self.encoder(images))
+        return h.float()
+
+    def encode(self, images: torch.Tensor, assign: Assign | None = None):
+        """(z_q with straight-through gradient, quantizer loss, indices (B, heads, h, w))."""
+        return self.quantize(self.features(images), assign=assign)
+
+    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        with autocast(z_q.device, self.compute_dtype):
+            out = self.decoder(self.post_quant_conv(z_q))
+        return out.float()
+
+    def forward(self, images: torch.Tensor, assign: Assign | None = None):
+        """(reconstruction, quantizer loss, indices)."""
+        z_q, loss, indices = self.encode(images, assign=assign)
+        return self.decode(z_q), loss, indices
+
+    @torch.no_grad()
+    def encode_indices(self, images: torch.Tensor, assign: Assign = "nearest") -> torch.Tensor:
+        """Token grids (B, heads, h, w), int64. ``nearest`` is batch-independent; ``sinkhorn``
+        assigns the whole batch as one pool, exactly as the authors' models do."""
+        return self.quantize.indices(self.features(images), assign=assign)
+
+    @torch.no_grad()
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images from token grids, looking the codes up exactly; any h x w."""
+        self.check_indices(indices)
+        return self.decode(self.quantize.lookup(indices.to(self.device)))
+
+
+def build_model(preset: str | ModelConfig, device: str | torch.device | None = None, **overrides: Any) -> OptVQModel:
+    """A freshly initialized model from a preset name or a config (``overrides`` change fields)."""
+    if isinstance(preset, ModelConfig):
+        cfg = preset
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]
+    else:
+        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if overrides:
+        try:
+            cfg = cfg.replace(**overrides)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"bad model settings for {preset!r}: {e}") from None
+    if device is not None and str(device) == "meta":  # shapes only, no memory: counting, loading
+        with torch.device("meta"):
+            return OptVQModel(cfg)
+    model = OptVQModel(cfg)
+    if device is not None:
+        model = model.to(resolve_device(device))
+    return model

@@ -1,0 +1,464 @@
+"""Checkpoints: the native folder, every way to name a model, the authors' formats, and bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from optvq_cli.errors import UserError
+from optvq_cli.model import PRESETS, build_model, load_model, save_model
+from optvq_cli.model import checkpoint as ckpt
+from optvq_cli.model.assign import sinkhorn_assign_plain
+
+DATA = Path(__file__).parent / "data" / "upstream"
+COMMIT = hashlib.sha1(b"optvq test snapshot").hexdigest()
+
+
+def read_key_list(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """key -> (shape, dtype) of every tensor in the authors' file."""
+    out = {}
+    for line in (DATA / name).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, dtype, in_file, _ = line.split("\t")
+        if in_file == "yes":
+            out[key] = (tuple(int(s) for s in shape.strip("()").split(",") if s), dtype)
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def images(n: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(n, 3, size // 4, size // 4, generator=g) * 2 - 1
+    return F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    torch.manual_seed(0)
+    return save_model(build_model("tiny"), tmp_path / "tiny", metadata={"dataset": "unit-test"})
+
+
+def one_line_error(excinfo, *needles: str) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+# -- the native format ---------------------------------------------------------------------------
+def test_save_load_round_trip(tiny_dir):
+    doc = json.loads((tiny_dir / "config.json").read_text())
+    assert doc["weights_sha256"] == file_sha256(tiny_dir / "model.safetensors")
+    assert doc["model"] == PRESETS["tiny"].to_dict()
+    torch.manual_seed(0)
+    original = build_model("tiny").eval()
+    model = load_model(str(tiny_dir), device="cpu")
+    assert not model.training and model.config == original.config
+    for k, v in original.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    x = images()
+    assert torch.equal(model.encode_indices(x), original.encode_indices(x))
+    assert model.source == str(tiny_dir.resolve())
+    assert model.sha256 == file_sha256(tiny_dir / "model.safetensors")
+    assert model.metadata["dataset"] == "unit-test"
+    # no temp files left behind
+    assert sorted(p.name for p in tiny_dir.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_safetensors_file_carries_its_config(tiny_dir, tmp_path):
+    alone = tmp_path / "elsewhere" / "my-model.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(tiny_dir / "model.safetensors", alone)
+    model = load_model(str(alone), device="cpu")
+    assert model.config == PRESETS["tiny"] and model.metadata["dataset"] == "unit-test"
+    assert model.source == str(alone.resolve())
+
+
+def test_half_precision_weights_keep_quantizer_fp32(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    out = save_model(model, tmp_path / "half", dtype="fp16")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes["encoder.in_fc.weight"] == torch.float16
+    assert dtypes["quantize.embedding.weight"] == torch.float32
+    loaded = load_model(out, device="cpu")
+    assert loaded.encoder.in_fc.weight.dtype == torch.float32
+    assert torch.equal(loaded.quantizer.embedding.weight, model.quantizer.embedding.weight)
+    torch.testing.assert_close(loaded.encoder.in_fc.weight, model.encoder.in_fc.weight, atol=1e-3, rtol=1e-3)
+
+
+def test_bundled_name(tiny_dir, tmp_path, monkeypatch):
+    root = tmp_path / "bundled"
+    shutil.copytree(tiny_dir, root / "tiny-test")
+    monkeypatch.setattr(ckpt, "BUNDLED_DIRS", [tmp_path / "missing", root])
+    model = load_model("tiny-test", device="cpu")
+    assert model.source == "bundled:tiny-test" and model.config == PRESETS["tiny"]
+    assert ckpt.bundled_names() == ["tiny-test"]
+    with pytest.raises(UserError) as e:
+        load_model("nonexistent-name", device="cpu")
+    one_line_error(e, "nonexistent-name", "tiny-test")
+
+
+# -- the hub, from a cache laid out as huggingface_hub lays it out -------------------------------
+def lay_out_hub_cache(cache: Path, repo_id: str, folder: Path, refs=("main",), commit: str = COMMIT) -> Path:
+    """models--ORG--NAME/{blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>, refs/<ref>}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        digest = file_sha256(f)
+        shutil.copy(f, repo / "blobs" / digest)
+        os.symlink(Path("..") / ".." / "blobs" / digest, snap / f.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return snap
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_hub_id_loads_from_cache_offline(tiny_dir, offline_cache, monkeypatch):
+    snap = lay_out_hub_cache(offline_cache, "someone/optvq-tiny", tiny_dir, refs=("main", "v1"))
+    assert (snap / "model.safetensors").is_symlink()
+    monkeypatch.chdir(offline_cache)  # so "someone/optvq-tiny" is no local path
+    model = load_model("someone/optvq-tiny", device="cpu")
+    assert model.source == f"hub:someone/optvq-tiny@{COMMIT}"
+    assert model.sha256 == file_sha256(tiny_dir / "model.safetensors")
+    assert load_model("someone/optvq-tiny", device="cpu", revision="v1").config == PRESETS["tiny"]
+    assert load_model("someone/optvq-tiny", device="cpu", revision=COMMIT).source.endswith(COMMIT)
+    # HF_HUB_CACHE wins over HF_HOME
+    monkeypatch.setenv("HF_HUB_CACHE", str(offline_cache))
+    monkeypatch.setenv("HF_HOME", "/nonexistent")
+    assert load_model("someone/optvq-tiny", device="cpu").config == PRESETS["tiny"]
+
+
+def test_uncached_hub_id_offline_is_one_line(offline_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        load_model("BorelTHU/optvq-16x16x4", device="cpu")
+    one_line_error(e, "BorelTHU/optvq-16x16x4", "HF_HUB_OFFLINE", "not in the huggingface cache")
+    with pytest.raises(UserError) as e:
+        load_model("BorelTHU/optvq-16x16x4", device="cpu", revision="v9")
+    one_line_error(e, "revision v9")
+
+
+def test_revision_needs_a_hub_id(tiny_dir):
+    with pytest.raises(UserError) as e:
+        load_model(str(tiny_dir), device="cpu", revision="main")
+    one_line_error(e, "--revision")
+
+
+# -- the authors' hub format ---------------------------------------------------------------------
+def upstream_tiny_config() -> dict:
+    """The authors' config.json (the real one, from the fixture) with tiny-vqgan sizes."""
+    raw = json.loads((DATA / "config_f16_h4.json").read_text())
+    small = dict(
+        ch=32,
+        ch_mult=[1, 2],
+        num_res_blocks=1,
+        attn_resolutions=[8],
+        resolution=16,
+        z_channels=32,
+        in_channels=3,
+    )
+    raw["encoder"].update(small)
+    raw["decoder"].update(small)
+    raw["quantize"].update(n_e=64, e_dim=16, num_head=2)
+    return raw
+
+
+def write_upstream_tiny(folder: Path, seed: int = 0, with_loss: bool = True) -> dict[str, torch.Tensor]:
+    """A checkpoint in the authors' hub format: their config.json, ``model.``-prefixed tensors of
+    random values, and (optionally) their training-only ``model.loss.*`` tensors by name."""
+    g = torch.Generator().manual_seed(seed)
+    skeleton = build_model(PRESETS["tiny-vqgan"], device="meta").state_dict()
+    tensors = {"model." + k: torch.randn(v.shape, generator=g) * 0.2 for k, v in skeleton.items()}
+    if with_loss:
+        for key, (_, dtype) in read_key_list("keys_f16_h4.txt").items():
+            if key.startswith("model.loss."):
+                tensors[key] = torch.zeros(2, dtype=getattr(torch, dtype))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(upstream_tiny_config(), indent=2, sort_keys=True))
+    return tensors
+
+
+def test_authors_config_maps_to_the_presets():
+    for name, preset in (
+        ("config_f16_h4.json", "imagenet-f16-h4"),
+        ("config_f16_h8.json", "imagenet-f16-h8"),
+    ):
+        parsed = ckpt.parse_config(json.loads((DATA / name).read_text()), name)
+        assert parsed.kind == "upstream"
+        assert parsed.config == PRESETS[preset]
+
+
+def test_authors_full_file_plan_from_key_list():
+    """The published 4-head file as the key list describes it: every model tensor found with the
+    right shape, and exactly the loss tensors left over."""
+    file_shapes = {k: s for k, (s, _) in read_key_list("keys_f16_h4.txt").items()}
+    _, expected = ckpt._expected_shapes(PRESETS["imagenet-f16-h4"], device="meta")
+    plan = ckpt.plan_keys(file_shapes, expected, "model.safetensors", "imagenet-f16-h4")
+    assert sorted(plan.ignored) == sorted(k for k in file_shapes if k.startswith("model.loss."))
+    assert len(plan.sources) == len(expected) == sum(not k.startswith("model.loss.") for k in file_shapes)
+
+
+def test_authors_format_loads_and_gives_their_indices(tmp_path, caplog):
+    folder = tmp_path / "upstream"
+    tensors = write_upstream_tiny(folder)
+    with caplog.at_level(logging.WARNING, logger="optvq"):
+        model = load_model(str(folder), device="cpu")
+    n_loss = sum(k.startswith("model.loss.") for k in tensors)
+    assert n_loss > 50
+    assert sorted(model.ignored_keys) == sorted(k for k in tensors if k.startswith("model.loss."))
+    assert f"ignored {n_loss} training-only" in caplog.text
+    assert model.metadata["checkpoint_format"] == "upstream"
+    assert model.config.heads == 2 and model.config.n_codes == 64 and model.config.epsilon == 10
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, tensors["model." + k]), k
+
+    # Their quantizer: z = quant_conv(encoder(x)); every head chunk of every position of every image
+    # is one row of a single pool, assigned by the plain Sinkhorn formulation against
+    # proj(embedding). Computed here from the raw tensors.
+    x = images(3, 16)
+    with torch.no_grad():
+        h = model.encoder(x)
+        z = F.conv2d(h, tensors["model.quant_conv.weight"], tensors["model.quant_conv.bias"])
+    codes = tensors["model.quantize.embedding.weight"] @ tensors["model.quantize.proj.weight"].t()
+    codes = codes + tensors["model.quantize.proj.bias"]
+    b, e, hh, ww = z.shape
+    d = e // 2
+    pool = torch.stack(
+        [z[n, k * d : (k + 1) * d, i, j] for n in range(b) for i in range(hh) for j in range(ww) for k in range(2)]
+    )
+    want = sinkhorn_assign_plain(pool, codes, 10.0, 5).reshape(b, hh, ww, 2).permute(0, 3, 1, 2)
+    got = model.encode_indices(x, assign="sinkhorn")
+    assert got.shape == (3, 2, 8, 8) and got.dtype == torch.int64
+    assert torch.equal(got, want)
+    near = torch.cdist(pool, codes).argmin(1).reshape(b, hh, ww, 2).permute(0, 3, 1, 2)
+    assert torch.equal(model.encode_indices(x, assign="nearest"), near)
+
+
+def test_authors_format_from_the_hub_cache(tmp_path, offline_cache, monkeypatch):
+    folder = tmp_path / "upstream"
+    write_upstream_tiny(folder, with_loss=False)
+    lay_out_hub_cache(offline_cache, "BorelTHU/optvq-16x16x4", folder)
+    monkeypatch.chdir(tmp_path / "hf-home")
+    model = load_model("BorelTHU/optvq-16x16x4", device="cpu")
+    assert model.ignored_keys == [] and model.source.startswith("hub:BorelTHU/optvq-16x16x4@")
+
+
+def test_authors_weights_file_named_directly_uses_config_beside_it(tmp_path):
+    folder = tmp_path / "upstream"
+    write_upstream_tiny(folder, with_loss=False)
+    model = load_model(str(folder / "model.safetensors"), device="cpu")
+    assert model.metadata["checkpoint_format"] == "upstream"
+    (folder / "config.json").unlink()
+    with pytest.raises(UserError) as e:
+        load_model(str(folder / "model.safetensors"), device="cpu")
+    one_line_error(e, "no model config", "--from-upstream")
+
+
+def test_export_of_authors_model_is_inference_only(tmp_path):
+    from optvq_cli.export import export_hf
+
+    folder = tmp_path / "upstream"
+    write_upstream_tiny(folder)
+    model = load_model(str(folder), device="cpu")
+    out = export_hf(model, tmp_path / "export")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(build_model("tiny-vqgan", device="meta").state_dict())
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["metadata"]["source_sha256"] == file_sha256(folder / "model.safetensors")
+    assert doc["metadata"]["upstream_config"]["quantize"]["n_e"] == 64
+    again = load_model(str(out), device="cpu")
+    x = images(2, 16)
+    assert torch.equal(again.encode_indices(x, assign="sinkhorn"), model.encode_indices(x, assign="sinkhorn"))
+
+
+def test_training_tensors_stay_available(tmp_path):
+    folder = tmp_path / "upstream"
+    tensors = write_upstream_tiny(folder)
+    extra = ckpt.load_training_tensors(str(folder))
+    assert set(extra) == {k[len("model.") :] for k in tensors if k.startswith("model.loss.")}
+    assert extra["loss.discriminator.main.3.num_batches_tracked"].dtype == torch.int64
+
+
+# -- the authors' training checkpoints -----------------------------------------------------------
+def test_convert_vqgan_training_checkpoint(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    skeleton = build_model("tiny-vqgan", device="meta").state_dict()
+    sd = {"_orig_mod." + k: torch.randn(v.shape, generator=g) * 0.2 for k, v in skeleton.items()}
+    sd["_orig_mod.loss.discriminator.main.0.weight"] = torch.zeros(4)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": sd, "optimizer": {"lr": 1e-4}, "epoch": 3}, path)
+    model = ckpt.convert_upstream(path)
+    cfg = model.config
+    want = PRESETS["tiny-vqgan"]
+    assert (cfg.arch, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels) == (
+        want.arch,
+        want.ch,
+        want.ch_mult,
+        want.num_res_blocks,
+        want.z_channels,
+    )
+    assert (cfg.n_codes, cfg.e_dim, cfg.heads) == (want.n_codes, want.e_dim, want.heads)
+    # attention sits at the same level (level 1) as in the original
+    assert set(model.state_dict()) == set(skeleton)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd["_orig_mod." + k])
+    assert model.ignored_keys == ["_orig_mod.loss.discriminator.main.0.weight"]
+    assert model.metadata["converted_from_sha256"] == file_sha256(path)
+
+
+def test_convert_plain_cnn_training_checkpoint_from_key_list(tmp_path):
+    keys = read_key_list("keys_mnist.txt")
+    g = torch.Generator().manual_seed(4)
+    sd = {k: torch.randn(s, generator=g) for k, (s, _) in keys.items() if not k.startswith("loss.")}
+    sd["loss.perceptual_loss.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
+    torch.save({"model": sd}, tmp_path / "checkpoint.pth")
+    model = ckpt.convert_upstream(tmp_path / "checkpoint.pth")
+    m = PRESETS["mnist"]
+    assert (model.config.arch, model.config.in_channels, model.config.cnn_widths) == (
+        "plain_cnn",
+        1,
+        (16, 16, 32),
+    )
+    assert (model.config.n_codes, model.config.e_dim, model.config.heads) == (m.n_codes, m.e_dim, m.heads)
+    assert torch.equal(model.quantizer.embedding.weight, sd["quantize.embedding.weight"])
+    assert model.config == m  # the whole MNIST preset, resolution 28 included
+
+
+def test_convert_refuses_arbitrary_pickles(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"encoder.x": torch.zeros(1)}, "cfg": Path("/etc")}, path)  # a non-tensor object
+    with pytest.raises(UserError) as e:
+        ckpt.convert_upstream(path)
+    one_line_error(e, "checkpoint.pth", "refused")
+
+
+# -- bad checkpoints: one clear line each --------------------------------------------------------
+def _tiny_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in build_model("tiny").state_dict().items()}
+
+
+def _write_with_config(path: Path, tensors: dict, cfg: dict) -> Path:
+    meta = {"format": "pt", ckpt.META_CONFIG: json.dumps(cfg)}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def test_missing_keys(tmp_path):
+    t = _tiny_tensors()
+    del t["decoder.out_fc.weight"]
+    path = _write_with_config(tmp_path / "m.safetensors", t, PRESETS["tiny"].to_dict())
+    with pytest.raises(UserError) as e:
+        load_model(str(path), device="cpu")
+    one_line_error(e, "m.safetensors", "missing", "decoder.out_fc.weight")
+
+
+def test_wrong_shapes_config_not_matching_tensors(tmp_path):
+    path = _write_with_config(
+        tmp_path / "m.safetensors", _tiny_tensors(), PRESETS["tiny"].replace(n_codes=128).to_dict()
+    )
+    with pytest.raises(UserError) as e:
+        load_model(str(path), device="cpu")
+    one_line_error(e, "quantize.embedding.weight", "(64, 4)", "(128, 4)", "does not match")
+
+
+def test_config_json_not_matching_tensors(tiny_dir):
+    doc = json.loads((tiny_dir / "config.json").read_text())
+    doc["model"]["heads"] = 4
+    (tiny_dir / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError) as e:
+        load_model(str(tiny_dir), device="cpu")
+    one_line_error(e, "does not match")
+
+
+def test_truncated_file(tiny_dir):
+    w = tiny_dir / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) - 100])
+    with pytest.raises(UserError) as e:
+        load_model(str(tiny_dir), device="cpu")
+    one_line_error(e, "model.safetensors", "truncated")
+    w.write_bytes(data[:5])
+    with pytest.raises(UserError) as e:
+        load_model(str(w), device="cpu")
+    one_line_error(e, "truncated")
+
+
+def test_pickle_renamed_safetensors(tmp_path):
+    path = tmp_path / "model.safetensors"
+    torch.save(_tiny_tensors(), path)
+    with pytest.raises(UserError) as e:
+        load_model(str(path), device="cpu")
+    one_line_error(e, "pickle", "--from-upstream")
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError) as e:
+        load_model(str(tmp_path / "empty"), device="cpu")
+    one_line_error(e, "no model weights")
+    (tmp_path / "empty" / "checkpoint.pth").write_bytes(b"x")
+    with pytest.raises(UserError) as e:
+        load_model(str(tmp_path / "empty"), device="cpu")
+    one_line_error(e, "checkpoint.pth", "--from-upstream")
+
+
+def test_bad_config_json_and_missing_config(tiny_dir, tmp_path):
+    (tiny_dir / "config.json").write_text("{not json")
+    with pytest.raises(UserError) as e:
+        load_model(str(tiny_dir), device="cpu")
+    one_line_error(e, "config.json", "not valid JSON")
+    bare = tmp_path / "bare.safetensors"
+    save_file(_tiny_tensors(), str(bare))
+    with pytest.raises(UserError) as e:
+        load_model(str(bare), device="cpu")
+    one_line_error(e, "no model config")
+
+
+def test_weights_replaced_after_export(tiny_dir):
+    save_file(_tiny_tensors(seed=9), str(tiny_dir / "model.safetensors"))
+    with pytest.raises(UserError) as e:
+        load_model(str(tiny_dir), device="cpu")
+    one_line_error(e, "sha256", "corrupted or replaced")
+
+
+def test_pickled_file_reference_points_to_converter(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {}}, path)
+    with pytest.raises(UserError) as e:
+        load_model(str(path), device="cpu")
+    one_line_error(e, "never loaded as is", "--from-upstream")

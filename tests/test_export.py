@@ -1,0 +1,196 @@
+"""`optvq export` and `optvq info` through the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from optvq_cli.cli import app
+from optvq_cli.model import build_model, load_model, save_model
+
+runner = CliRunner()
+
+
+def photos(size_hw=(32, 32), names=("astronaut.png", "coffee.png")) -> torch.Tensor:
+    """Real photos from scikit-image's installed data, (B, 3, H, W) in [-1, 1]."""
+    import skimage
+
+    out = []
+    for name in names:
+        img = Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB")
+        arr = np.asarray(img.resize((size_hw[1], size_hw[0]))).copy()
+        out.append(torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1)
+    return torch.stack(out)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    torch.manual_seed(0)
+    return save_model(build_model("tiny"), tmp_path / "tiny", metadata={"metrics": {"rFID": 1.23}})
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_export_hf_folder(tiny_dir, tmp_path):
+    out = tmp_path / "export"
+    r = invoke("export", tiny_dir, out)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["weights_sha256"] == sha(out / "model.safetensors")
+    assert doc["metadata"]["source_sha256"] == sha(tiny_dir / "model.safetensors")
+    card = (out / "README.md").read_text()
+    assert doc["weights_sha256"] in card and "rFID" in card and str(tiny_dir.resolve()) in card
+    x = photos()
+    assert torch.equal(
+        load_model(out, device="cpu").encode_indices(x), load_model(tiny_dir, device="cpu").encode_indices(x)
+    )
+    # no leftovers next to OUT, and OUT is never overwritten silently
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "tiny"]
+    r = invoke("export", tiny_dir, out)
+    assert r.exit_code == 1 and "--overwrite" in r.output
+    r = invoke("export", tiny_dir, out, "--force", "--dtype", "bf16")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["weights_dtype"] == "bf16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "tiny"]
+
+
+def test_export_programs_match_the_model(tiny_dir, tmp_path):
+    out = tmp_path / "programs"
+    r = invoke("export", tiny_dir, out, "--format", "torchscript", "--format", "torch-export", "--size", "32")
+    assert r.exit_code == 0, r.output
+    assert "0/256 indices differ" in r.output and "largest |difference|" in r.output
+    assert {p.name for p in out.iterdir()} == {
+        "encode_indices.pt",
+        "decode_indices.pt",
+        "encode_indices.pt2",
+        "decode_indices.pt2",
+    }
+    model = load_model(tiny_dir, device="cpu")
+    x = photos((48, 32))  # another size than the export's example
+    want_idx = model.encode_indices(x, assign="nearest")
+    want_img = model.decode_indices(want_idx)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ts_enc, ts_dec = (
+            torch.jit.load(str(out / "encode_indices.pt")),
+            torch.jit.load(str(out / "decode_indices.pt")),
+        )
+    ex_enc = torch.export.load(str(out / "encode_indices.pt2")).module()
+    ex_dec = torch.export.load(str(out / "decode_indices.pt2")).module()
+    for enc, dec in ((ts_enc, ts_dec), (ex_enc, ex_dec)):
+        with torch.no_grad():
+            assert torch.equal(enc(x), want_idx)
+            torch.testing.assert_close(dec(want_idx), want_img, rtol=1e-4, atol=1e-5)
+
+
+def test_export_onnx(tiny_dir, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx"
+    r = invoke("export", tiny_dir, out, "--format", "onnx")
+    assert r.exit_code == 0, r.output
+    model = load_model(tiny_dir, device="cpu")
+    x = photos((32, 48))
+    idx = model.encode_indices(x, assign="nearest")
+    enc = ort.InferenceSession(str(out / "encode_indices.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(out / "decode_indices.onnx"), providers=["CPUExecutionProvider"])
+    got = enc.run(None, {"images": x.numpy()})[0]
+    assert np.array_equal(got, idx.numpy())
+    img = dec.run(None, {"indices": idx.numpy()})[0]
+    np.testing.assert_allclose(img, model.decode_indices(idx).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_export_from_upstream_training_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    original = build_model("cifar10")
+    sd = {"_orig_mod." + k: v for k, v in original.state_dict().items()}
+    torch.save({"model": sd, "step": 10}, tmp_path / "checkpoint.pth")
+    out = tmp_path / "converted"
+    r = invoke("export", "--from-upstream", tmp_path / "checkpoint.pth", out)
+    assert r.exit_code == 0, r.output
+    model = load_model(out, device="cpu")
+    assert model.metadata["converted_from"] == "checkpoint.pth"
+    x = photos()
+    assert torch.equal(model.encode_indices(x), original.eval().encode_indices(x))
+
+
+def test_push_to_hub_uploads_the_folder(tiny_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_push(folder, repo_id, private=False, message=None):
+        calls.append((Path(folder), repo_id, private, sorted(p.name for p in Path(folder).iterdir())))
+        return f"https://huggingface.co/{repo_id}"
+
+    import optvq_cli.hub
+
+    monkeypatch.setattr(optvq_cli.hub, "push", fake_push)
+    out = tmp_path / "to-push"
+    r = invoke("export", tiny_dir, out, "--push-to-hub", "me/optvq-tiny", "--private")
+    assert r.exit_code == 0, r.output
+    assert calls == [(out, "me/optvq-tiny", True, ["README.md", "config.json", "model.safetensors"])]
+    r = invoke("export", tiny_dir, tmp_path / "x", "--format", "torchscript", "--push-to-hub", "me/x")
+    assert r.exit_code == 1 and "--format hf" in r.output
+
+
+def test_export_flag_errors(tiny_dir, tmp_path):
+    r = invoke("export", tiny_dir, tmp_path / "a", "--format", "tflite")
+    assert r.exit_code == 1 and "--format tflite" in r.output
+    r = invoke("export", tiny_dir, tmp_path / "b", "--format", "torchscript", "--dtype", "fp16")
+    assert r.exit_code == 1 and "--dtype" in r.output
+    r = invoke("export", tiny_dir, tmp_path / "c", "--format", "torchscript", "--size", "30")
+    assert r.exit_code == 1 and "multiple" in r.output
+    assert not any(p.name.startswith((".c", "c")) for p in tmp_path.iterdir())
+
+
+def test_info_text_and_json(tiny_dir):
+    r = invoke("info", tiny_dir, "--size", "64x32")
+    assert r.exit_code == 0, r.output
+    assert "f = 4" in r.output and "64x32 -> 2 heads x 16 x 8 = 256 tokens" in r.output
+    assert sha(tiny_dir / "model.safetensors") in r.output
+    r = invoke("info", tiny_dir, "--json")
+    d = json.loads(r.output)
+    model = load_model(tiny_dir, device="cpu")
+    assert d["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert d["parameters"]["encoder"] == sum(p.numel() for p in model.encoder.parameters())
+    assert (d["downsample"], d["heads"], d["n_codes"], d["code_dim"]) == (4, 2, 64, 4)
+    assert d["token_grid"] == [2, 8, 8] and d["sha256"] == sha(tiny_dir / "model.safetensors")
+
+
+def test_info_of_a_preset():
+    r = invoke("info", "imagenet-f16-h8", "--size", "256")
+    assert r.exit_code == 0, r.output
+    assert "preset:imagenet-f16-h8" in r.output and "8 heads x 16 x 16 = 2048 tokens" in r.output
+    assert "16384 codes x 32 dims" in r.output
+
+
+@pytest.mark.parametrize("case", ["truncated", "missing", "no-weights"])
+def test_info_bad_checkpoint_is_one_line(tiny_dir, tmp_path, case):
+    w = tiny_dir / "model.safetensors"
+    if case == "truncated":
+        w.write_bytes(w.read_bytes()[:200])
+        ref = w
+    elif case == "missing":
+        ref = tmp_path / "nope"
+    else:
+        w.unlink()
+        ref = tiny_dir
+    r = invoke("info", ref)
+    assert r.exit_code == 1
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert "Traceback" not in r.output
