@@ -6,7 +6,7 @@ import typer
 
 from .. import __version__
 from ..errors import UserError
-from . import encode, eval, export, toy, train  # noqa: F401  (registers the commands)
+from . import encode, eval, export, toy, train, weights  # noqa: F401  (registers the commands)
 from .app import app, console
 
 

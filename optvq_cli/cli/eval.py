@@ -1,9 +1,175 @@
-"""`optvq eval` (placeholder until its issue lands)."""
+"""`optvq eval`: PSNR, SSIM, LPIPS, rFID and codebook health of a model's reconstructions (or of two
+folders paired by relative path), under a recorded protocol."""
 
-from .app import app, not_yet
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from .app import app, console, fatal
+
+N_SAMPLES = 8
 
 
-@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_() -> None:
-    """PSNR / SSIM / LPIPS / rFID of reconstructions (not implemented yet)."""
-    not_yet("eval", 5)
+def _refuse_existing(paths: dict[str, Path | None], overwrite: bool) -> None:
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        if path.exists() and not overwrite:
+            fatal(f"{flag} {path} already exists; pass --overwrite to replace it or choose another path")
+        if path.exists() and path.is_dir():
+            fatal(f"{flag} {path} is a folder; give a file path")
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    p = report["protocol"]
+    title = f"{report['count']} images, protocol {p['name']}, {p['resolution']}px"
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    un = report["unavailable"]
+    rows = [
+        ("psnr", "PSNR (dB)", 2, p["psnr"]["channel"]),
+        ("ssim", "SSIM", 4, p["ssim"]["channel"]),
+        ("lpips", f"LPIPS ({p['lpips']['net']})", 4, "v0.1"),
+        ("rfid", "rFID", 3, "Inception-v3 TF 2015-12-05, pool3"),
+        ("codebook_usage", "codebook usage", 4, "fraction of codes used"),
+        ("perplexity", "perplexity", 1, ""),
+        ("assignment_agreement", "nearest = sinkhorn", 4, "share of tokens"),
+    ]
+    for key, label, digits, note in rows:
+        metric = "usage" if key in ("codebook_usage", "perplexity", "assignment_agreement") else key
+        if metric not in report["metrics"]:
+            continue
+        table.add_row(label, _fmt(report[key], digits), "unavailable" if key in un else note)
+    for h in report.get("heads", []):
+        table.add_row(f"  head {h['head']}", _fmt(h["codebook_usage"], 4), f"perplexity {h['perplexity']:.1f}")
+    Console(highlight=False, soft_wrap=True).print(table)
+    for key, why in un.items():
+        console.print(f"[yellow]{key} unavailable:[/] {why}", highlight=False, soft_wrap=True)
+
+
+def _log(message: str) -> None:
+    console.print(message, highlight=False, soft_wrap=True)
+
+
+class _RichProgress:
+    """A progress bar with ETA on stderr, shown by the first process only."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("evaluating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = None
+
+    def start(self, total: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("eval", total=total)
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+@app.command(name="eval")
+def eval_(
+    data: Path = typer.Argument(..., help="Folder of images (flat or in class folders), searched recursively."),
+    model: str = typer.Option(None, "--model", "-m", help="Model to reconstruct DATA with: a folder, file or hub id."),
+    against: Path = typer.Option(None, "--against", help="No model: compare DATA with this folder, paired by path."),
+    metrics: str = typer.Option(None, "--metrics", help="Comma list of psnr,ssim,lpips,rfid,usage (default: all)."),
+    lpips_net: str = typer.Option("vgg", "--lpips-net", help="LPIPS backbone: vgg or alex."),
+    protocol: str = typer.Option("optvq", "--protocol", help="optvq: PSNR/SSIM on luma as the authors; rgb: on RGB."),
+    resolution: int = typer.Option(None, "--resolution", help="Resize/crop size (default: the model's, else 256)."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per batch (and per Sinkhorn pool)."),
+    workers: int = typer.Option(0, "--workers", "-j", help="DataLoader worker processes for reading images."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N images (sorted by path)."),
+    assign: str = typer.Option("sinkhorn", "--assign", help="Token assignment: sinkhorn or nearest."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision of --model."),
+    ref_stats: Path = typer.Option(None, "--ref-stats", help="Load the originals' Inception statistics, or save them."),
+    lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS weights (.safetensors) to use."),
+    inception_weights: Path = typer.Option(None, "--inception-weights", help="Inception weights to use."),
+    offline: bool = typer.Option(False, "--offline", help="Never download weights (also OPTVQ_OFFLINE=1)."),
+    json_path: Path = typer.Option(None, "--json", help="Write the report as JSON to this file."),
+    plot: Path = typer.Option(None, "--plot", help="Write a codebook-usage histogram PNG (needs --model)."),
+    samples: Path = typer.Option(None, "--samples", help=f"Write a PNG grid of {N_SAMPLES} originals/reconstructions."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json/--plot/--samples files."),
+) -> None:
+    """Measure PSNR, SSIM, LPIPS, rFID and codebook health of reconstructions of DATA.
+
+    --model reconstructs every image; --against pairs DATA with OTHER by relative path (any extension).
+
+    `torchrun --nproc_per_node N -m optvq_cli eval ...` shards the images; the figures equal one process's.
+    """
+    from ..evaluate import EvalOptions, parse_metrics, run_eval, save_sample_grid, save_usage_plot, world
+
+    chosen = parse_metrics(metrics)
+    if plot is not None and (model is None or (chosen is not None and "usage" not in chosen)):
+        fatal("--plot needs --model and the usage metric (it shows the model's codebook usage)")
+    rank, _ = world()
+    if rank == 0:
+        _refuse_existing({"--json": json_path, "--plot": plot, "--samples": samples}, overwrite)
+    opts = EvalOptions(
+        data=data,
+        model=model,
+        against=against,
+        metrics=chosen,
+        lpips_net=lpips_net,
+        protocol=protocol,
+        resolution=resolution,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        limit=limit,
+        assign=assign,
+        revision=revision,
+        ref_stats=ref_stats,
+        lpips_weights=lpips_weights,
+        inception_weights=inception_weights,
+        offline=True if offline else None,  # None: OPTVQ_OFFLINE decides
+        n_samples=N_SAMPLES if samples is not None else 0,
+    )
+    progress = _RichProgress() if rank == 0 and console.is_terminal else None
+    try:
+        result = run_eval(
+            opts, progress=progress, log=lambda m: console.print(m, highlight=False) if rank == 0 else None
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+    if rank != 0:
+        return
+    report = result.report
+    if json_path is not None:
+        from ..evaluate import atomic_write
+
+        text = json.dumps(report, indent=2) + "\n"
+        atomic_write(json_path, lambda tmp: tmp.write_text(text))
+    if plot is not None and result.counts is not None:
+        save_usage_plot(result.counts, plot)
+    if samples is not None:
+        save_sample_grid(result.samples, samples)
+    _print_table(report)
+    for flag, path in (("report", json_path), ("usage plot", plot), ("samples", samples)):
+        if path is not None:
+            console.print(f"wrote {flag}: {path}", highlight=False, soft_wrap=True)

@@ -1,0 +1,247 @@
+"""`optvq eval` without perceptual weights: preprocessing, pairing, PSNR/SSIM by hand, codebook health
+recomputed independently, the JSON report, bad input, and 2 gloo processes agreeing with one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from optvq_cli.cli import app
+from optvq_cli.errors import UserError
+from optvq_cli.evaluate import EvalOptions, list_images, preprocess, run_eval
+
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
+TOP_KEYS = {"psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "count", "protocol", "heads"}
+
+
+@pytest.fixture(autouse=True)
+def _no_weights(tmp_path, monkeypatch):
+    """An empty weights cache and no downloads: LPIPS and rFID are unavailable in this module."""
+    monkeypatch.setenv("OPTVQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OPTVQ_OFFLINE", "1")
+
+
+def _skimage(name: str) -> Image.Image:
+    import skimage
+
+    return Image.open(os.path.join(os.path.dirname(skimage.__file__), "data", name)).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Five real photos (two in a class folder), shrunk to keep the tests fast."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "cls").mkdir()
+    for i, name in enumerate(PHOTOS):
+        img = _skimage(name)
+        img.thumbnail((96, 96))
+        sub = root / "cls" if i >= 3 else root
+        img.save(sub / (Path(name).stem + ".png"))
+    return root
+
+
+def _invoke(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if isinstance(result.exception, UserError):
+        return 1, str(result.exception)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+# -- preprocessing and pairing --------------------------------------------------------------------
+
+
+def test_preprocess_resizes_shorter_side_and_crops_the_centre():
+    # 60 x 30: left third red, middle third green, right third blue; -> 32 x 32 keeps the green middle
+    arr = np.zeros((30, 60, 3), dtype=np.uint8)
+    arr[:, :20, 0], arr[:, 20:40, 1], arr[:, 40:, 2] = 255, 255, 255
+    out = preprocess(Image.fromarray(arr), 16)
+    assert out.shape == (16, 16, 3)
+    assert out[:, 8, 1].min() == 255 and out[:, 8, 0].max() == 0  # centre column is green
+    # a 16 x 16 input is left as it is
+    same = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert np.array_equal(preprocess(Image.fromarray(same), 16), same)
+
+
+def test_list_images_is_sorted_recursive_and_skips_hidden(tmp_path):
+    for rel in ["b.png", "a/c.jpg", ".hidden/x.png", "a/.y.png", "notes.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert list_images(tmp_path) == ["a/c.jpg", "b.png"]
+
+
+def _flat(tmp: Path, name: str, values: dict[str, int]) -> Path:
+    folder = tmp / name
+    folder.mkdir()
+    for stem, v in values.items():
+        Image.fromarray(np.full((32, 32, 3), v, dtype=np.uint8)).save(folder / f"{stem}.png")
+    return folder
+
+
+def test_against_psnr_by_hand_both_protocols(tmp_path):
+    orig = _flat(tmp_path, "orig", {"a": 100, "b": 50})
+    other = _flat(tmp_path, "other", {"a": 110, "b": 50})  # b identical: 80 dB (the 1e-8 guard)
+    rgb = 10 * math.log10(1 / ((10 / 255) ** 2 + 1e-8))
+    y = 10 * math.log10(1 / ((219 * 10 / 255 / 255) ** 2 + 1e-8))  # Y moves by 219/255 of a grey step
+    for protocol, first in (("rgb", rgb), ("optvq", y)):
+        opts = EvalOptions(orig, against=other, protocol=protocol, resolution=32, metrics=("psnr", "ssim"))
+        rep = run_eval(opts).report
+        assert rep["count"] == 2
+        assert rep["psnr"] == pytest.approx((first + 80.0) / 2, rel=1e-7)  # inputs are float32
+        # flat images: only the luminance term, (2ab + C1) / (a^2 + b^2 + C1) with C1 = (0.01 * 255)^2;
+        # grey levels are their own luma in both protocols
+        c1 = (0.01 * 255) ** 2
+        assert rep["ssim"] == pytest.approx(((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1) + 1) / 2, rel=1e-12)
+
+
+def test_against_identical_folder_report_keys_and_protocol(photos, tmp_path):
+    out = tmp_path / "r.json"
+    code, text = _invoke("eval", photos, "--against", photos, "--json", out, "--resolution", 64)
+    assert code == 0, text
+    rep = json.loads(out.read_text())
+    assert TOP_KEYS <= set(rep)
+    assert rep["count"] == len(PHOTOS)
+    assert rep["psnr"] == pytest.approx(80.0) and rep["ssim"] == pytest.approx(1.0)
+    # no weights, offline: unavailable with a one-line fix, the rest still computed
+    assert rep["lpips"] is None and rep["rfid"] is None
+    for key in ("lpips", "rfid"):
+        assert "optvq weights fetch" in rep["unavailable"][key] and "\n" not in rep["unavailable"][key]
+    assert rep["codebook_usage"] is None and rep["heads"] == []
+    p = rep["protocol"]
+    for key in ("resolution", "resize", "crop", "psnr", "ssim", "lpips", "rfid"):
+        assert key in p
+    assert p["resolution"] == 64 and p["name"] == "optvq"
+    assert p["lpips"]["net"] == "vgg" and p["lpips"]["weights_sha256"] is None
+    assert "YCbCr" in p["psnr"]["channel"] and "YIQ" in p["ssim"]["channel"]
+    assert "unavailable" in text  # the table says so too
+
+
+def test_against_pairs_by_relative_path_ignoring_extension(tmp_path):
+    orig = _flat(tmp_path, "orig", {"a": 10, "b": 20})
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 20, dtype=np.uint8)).save(other / "b.jpg", quality=100)
+    Image.fromarray(np.full((32, 32, 3), 10, dtype=np.uint8)).save(other / "a.bmp")
+    rep = run_eval(EvalOptions(orig, against=other, resolution=32, metrics=("psnr",))).report
+    assert rep["psnr"] > 50  # each paired with its own grey level, not the other one
+    (other / "b.jpg").unlink()
+    code, text = _invoke("eval", orig, "--against", other, "--resolution", 32)
+    assert code == 1 and "no counterpart" in text and "b.png" in text
+
+
+def test_limit_and_metric_selection(photos):
+    rep = run_eval(EvalOptions(photos, against=photos, limit=2, resolution=32, metrics=("ssim",))).report
+    assert rep["count"] == 2 and rep["psnr"] is None and rep["ssim"] == pytest.approx(1.0)
+    assert rep["metrics"] == ["ssim"]
+
+
+def test_workers_give_the_same_figures(photos):
+    opts = dict(against=photos, resolution=32, metrics=("psnr", "ssim"), batch_size=2)
+    a = run_eval(EvalOptions(photos, workers=0, **opts)).report
+    b = run_eval(EvalOptions(photos, workers=1, **opts)).report
+    assert (a["psnr"], a["ssim"], a["count"]) == (b["psnr"], b["ssim"], b["count"])
+
+
+# -- with a model ---------------------------------------------------------------------------------
+
+
+def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_path):
+    from optvq_cli.model import load_model
+
+    out, plot, grid = tmp_path / "r.json", tmp_path / "usage.png", tmp_path / "grid.png"
+    args = ["eval", photos, "--model", tiny_model_dir, "-b", 5, "--json", out, "--plot", plot, "--samples", grid]
+    code, text = _invoke(*args)
+    assert code == 0, text
+    rep = json.loads(out.read_text())
+    assert TOP_KEYS <= set(rep)
+
+    # Recompute independently with the model's own token path (encode_indices/decode_indices).
+    model = load_model(str(tiny_model_dir), device="cpu")
+    x = torch.stack(
+        [torch.from_numpy(preprocess(Image.open(photos / r), 32).copy()).permute(2, 0, 1) for r in list_images(photos)]
+    ).float()
+    x = x / 255
+    idx = model.encode_indices(x * 2 - 1, assign="sinkhorn")  # one batch of 5, as with -b 5
+    near = model.encode_indices(x * 2 - 1, assign="nearest")
+    rec = ((model.decode_indices(idx) + 1) / 2).clamp(0, 1)
+    n = model.quantizer.n_codes
+    used = torch.unique(idx).numel()
+    assert rep["codebook_usage"] == pytest.approx(used / n)
+    assert rep["assignment_agreement"] == pytest.approx(float((idx == near).double().mean()))
+    assert rep["codebook"]["tokens"] == idx.numel()
+    assert len(rep["heads"]) == model.quantizer.heads
+    for h, head in enumerate(rep["heads"]):
+        assert head["codebook_usage"] == pytest.approx(torch.unique(idx[:, h]).numel() / n)
+    assert 1.0 <= rep["perplexity"] <= used
+    mse_rgb = ((rec.double() - x.double()) ** 2).mean(dim=(1, 2, 3))
+    assert rep["psnr"] != pytest.approx(float((10 * torch.log10(1 / (mse_rgb + 1e-8))).mean()))  # Y, not RGB
+    assert rep["protocol"]["assign"] == "sinkhorn"
+    assert rep["protocol"]["model"]["sha256"] == model.sha256
+    assert rep["protocol"]["resolution"] == 32  # the model's
+
+    assert Image.open(plot).format == "PNG"
+    g = Image.open(grid)
+    assert g.size[1] == 2 * 32 + 3 * 2  # originals over reconstructions
+
+    code, text = _invoke(*args)  # outputs exist now
+    assert code == 1 and "--overwrite" in text
+
+
+def test_bad_input_is_one_line(photos, tmp_path, tiny_model_dir):
+    cases = [
+        (["eval", tmp_path / "nope", "--against", photos], "not a folder"),
+        (["eval", photos], "exactly one of"),
+        (["eval", photos, "--against", photos, "--metrics", "psnr,bogus"], "bogus"),
+        (["eval", photos, "--against", photos, "--metrics", "usage"], "needs --model"),
+        (["eval", photos, "--model", tiny_model_dir, "--resolution", 30], "multiple"),
+        (["eval", photos, "--against", photos, "--protocol", "srgb"], "--protocol"),
+    ]
+    for args, needle in cases:
+        code, text = _invoke(*args)
+        assert code != 0 and needle in text, (args, text)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not a png")
+    code, text = _invoke("eval", broken, "--against", broken)
+    assert code == 1 and "x.png" in text and "cannot read" in text
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "optvq_cli", "eval", str(tmp_path), "--against", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OPTVQ_OFFLINE": "1"},
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "--against" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_report_what_one_does(photos, tiny_model_dir, tmp_path):
+    common = ["eval", str(photos), "--model", str(tiny_model_dir), "-b", "2", "--metrics", "psnr,ssim,usage"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, "-m", "optvq_cli", *common, "--json", str(one)], check=True, env=env)
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*run, "-m", "optvq_cli", *common, "--json", str(two)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["protocol"]["world_size"] == 2 and a["protocol"]["world_size"] == 1
+    assert a["count"] == b["count"] == len(PHOTOS)
+    for key in ("psnr", "ssim", "codebook_usage", "perplexity", "assignment_agreement"):
+        assert a[key] == pytest.approx(b[key], rel=1e-9), key
+    assert a["codebook"]["most_used"] == b["codebook"]["most_used"]
