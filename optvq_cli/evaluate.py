@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import metrics as M
 from .errors import UserError
+from .fileio import atomic_write
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage")
 PROTOCOLS = ("optvq", "rgb")
@@ -227,23 +227,6 @@ def save_ref_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, meta: dict[str
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # -- distributed ----------------------------------------------------------------------------------
 
 
@@ -326,7 +309,7 @@ def _check_options(opts: EvalOptions) -> None:
         (opts.batch_size >= 1, f"--batch-size {opts.batch_size}: must be at least 1"),
         (opts.workers >= 0, f"--workers {opts.workers}: must be 0 or more"),
         (opts.limit is None or opts.limit >= 1, f"--limit {opts.limit}: must be at least 1"),
-        (opts.resolution is None or opts.resolution >= 16, f"--resolution {opts.resolution}: must be at least 16"),
+        (opts.resolution is None or opts.resolution >= 16, f"--size {opts.resolution}: must be at least 16"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -345,7 +328,7 @@ class _Perceptual:
         smallest = perceptual.LPIPS_MIN_SIZE[opts.lpips_net]
         if "lpips" in wanted and resolution < smallest:
             self.unavailable["lpips"] = (
-                f"LPIPS-{opts.lpips_net} needs images of at least {smallest}px; raise --resolution"
+                f"LPIPS-{opts.lpips_net} needs images of at least {smallest}px; raise --size"
             )
         elif "lpips" in wanted:
             name = f"lpips-{opts.lpips_net}"
@@ -399,7 +382,7 @@ def run_eval(opts: EvalOptions, progress: Progress | None = None, log: Callable[
     resolution = opts.resolution or (model.config.resolution if model is not None else DEFAULT_RESOLUTION)
     mode = "L" if model is not None and model.config.in_channels == 1 else "RGB"
     if model is not None and resolution % model.downsample:
-        raise UserError(f"--resolution {resolution} is not a multiple of the model's downsampling {model.downsample}")
+        raise UserError(f"--size {resolution} is not a multiple of the model's downsampling {model.downsample}")
 
     rel = list_images(opts.data)
     if not rel:

@@ -15,17 +15,15 @@ keeps the figures identical from machine to machine. Same seed, same numbers.
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
 
+from .fileio import atomic_write
 from .model.assign import nearest_assign, sinkhorn_assign, sinkhorn_plans
 
 # Fig. 6 set-up (Sec. 4.3): 100 points, 25 codes in 2-D.
@@ -221,9 +219,7 @@ def _draw_run(ax, result: ToyResult, run: CodeRun, color: str) -> None:
     ax.scatter(*result.data.T, s=14, c=DATA_COLOR, label="data point", zorder=1)
     for j in range(run.n_codes):
         ax.plot(*run.path[:, j].T, color=color, lw=0.8, alpha=0.45, zorder=2)
-    ax.scatter(
-        *run.path[0].T, s=30, facecolors="none", edgecolors=color, lw=1.0, label="initial code", zorder=3
-    )
+    ax.scatter(*run.path[0].T, s=30, facecolors="none", edgecolors=color, lw=1.0, label="initial code", zorder=3)
     used = run.counts > 0
     end = run.path[-1]
     ax.scatter(*end[used].T, s=42, c=color, edgecolors="black", lw=0.6, label="final code, used", zorder=4)
@@ -246,9 +242,7 @@ def fig6_figure(result: ToyResult):
     for run, color in ((result.vq, VQ_COLOR), (result.optvq, OPTVQ_COLOR)):
         ax.plot(steps, run.usage, color=color, lw=2, label=run.method)
     ax.axhline(result.vq.n_codes, color="black", lw=0.8, ls=":", label="all codes")
-    ax.set(
-        xlabel="training step", ylabel="codes used", ylim=(0, result.vq.n_codes + 1), xlim=(0, result.steps)
-    )
+    ax.set(xlabel="training step", ylabel="codes used", ylim=(0, result.vq.n_codes + 1), xlim=(0, result.steps))
     ax.set_title("Code usage during training")
     ax.legend(loc="center right", fontsize=9)
     fig.suptitle(
@@ -326,22 +320,8 @@ def _gif_frames(result: ToyResult, n_frames: int, dpi: int):
     return frames
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Writes through a temporary file in the same folder, then renames: never a half-written file."""
-    path = Path(path)
-    # A unique name opened with "x" (not mkstemp, whose 0600 mode would outlive the rename).
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_png(fig, path: Path, dpi: int = 110) -> None:
-    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 def save_gif(result: ToyResult, path: Path, n_frames: int = 60, dpi: int = 80) -> None:
@@ -349,7 +329,7 @@ def save_gif(result: ToyResult, path: Path, n_frames: int = 60, dpi: int = 80) -
     frames = _gif_frames(result, n_frames, dpi)
     durations = [80] * (len(frames) - 1) + [2000]
 
-    def write(fh: IO[bytes]) -> None:
-        frames[0].save(fh, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    def write(tmp: Path) -> None:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
-    write_atomic(path, write)
+    atomic_write(path, write)

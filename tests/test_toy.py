@@ -141,18 +141,6 @@ def test_plan_errors_by_hand():
     np.testing.assert_allclose(err["change"][1], (1 / 4 - 1 / 20) * 4)
 
 
-def test_write_atomic_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "x.png"
-
-    def boom(fh):
-        fh.write(b"partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        toy.write_atomic(target, boom)
-    assert list(tmp_path.iterdir()) == []
-
-
 # ---------------------------------------------------------------- CLI
 
 runner = CliRunner()
@@ -178,12 +166,12 @@ def test_cli_writes_figures_prints_usage_and_refuses_overwrite(tmp_path):
     before = (out / "fig6_toy.png").read_bytes()
     again = runner.invoke(app, ["toy", "--out", str(out)])
     assert again.exit_code == 1
-    assert "--force" in again.output and "fig6_toy.png" in again.output
+    assert "--overwrite" in again.output and "fig6_toy.png" in again.output
     assert len(again.output.strip().splitlines()) == 1 and "Traceback" not in again.output
     assert (out / "fig6_toy.png").read_bytes() == before
 
 
-def test_cli_gif_and_force(tmp_path):
+def test_cli_gif_and_overwrite(tmp_path):
     out = tmp_path / "o"
     args = ["toy", "--out", str(out), "--steps", "5", "--seed", "1", "--gif"]
     res = runner.invoke(app, args)
@@ -191,8 +179,8 @@ def test_cli_gif_and_force(tmp_path):
     with Image.open(out / "fig6_toy.gif") as im:
         assert im.format == "GIF" and im.n_frames == 6  # steps 0..5, one frame each
     refused = runner.invoke(app, args)
-    assert refused.exit_code == 1 and "--force" in refused.output
-    forced = runner.invoke(app, [*args, "--force"])
+    assert refused.exit_code == 1 and "--overwrite" in refused.output
+    forced = runner.invoke(app, [*args, "--overwrite"])
     assert forced.exit_code == 0, forced.output
     assert _files(out) == ["fig6_toy.gif", "fig6_toy.png", "fig9_sinkhorn.png"]
 

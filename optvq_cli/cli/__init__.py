@@ -7,7 +7,7 @@ import typer
 from .. import __version__
 from ..errors import UserError
 from . import encode, eval, export, toy, train, weights  # noqa: F401  (registers the commands)
-from .app import app, console
+from .app import app, error_line
 
 
 def _version(value: bool) -> None:
@@ -29,5 +29,9 @@ def main() -> None:
     try:
         app()
     except UserError as e:  # a user's mistake raised below the CLI: one line, exit 1
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        error_line(str(e))
+        raise SystemExit(1) from None
+    except OSError as e:  # a path the user gave that cannot be written or read (permissions, a file as folder)
+        where = f"{e.filename}: " if e.filename else ""
+        error_line(f"{where}{e.strerror or e}; check the path and its permissions")
         raise SystemExit(1) from None

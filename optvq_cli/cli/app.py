@@ -6,6 +6,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="optvq",
@@ -17,9 +18,14 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def error_line(message: str) -> None:
+    """Print ``error: message`` on stderr; the message is plain text (paths may contain brackets)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def fatal(message: str, code: int = 1) -> NoReturn:
     """One clear line on stderr and a non-zero exit: for a user's mistake, never a traceback."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    error_line(message)
     raise typer.Exit(code)
 
 

@@ -99,7 +99,9 @@ def eval_(
     metrics: str = typer.Option(None, "--metrics", help="Comma list of psnr,ssim,lpips,rfid,usage (default: all)."),
     lpips_net: str = typer.Option("vgg", "--lpips-net", help="LPIPS backbone: vgg or alex."),
     protocol: str = typer.Option("optvq", "--protocol", help="optvq: PSNR/SSIM on luma as the authors; rgb: on RGB."),
-    resolution: int = typer.Option(None, "--resolution", help="Resize/crop size (default: the model's, else 256)."),
+    size: int = typer.Option(
+        None, "--size", help="Shorter side resized to this, then a centre square crop (default: the model's, else 256)."
+    ),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per batch (and per Sinkhorn pool)."),
     workers: int = typer.Option(0, "--workers", "-j", help="DataLoader worker processes for reading images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -136,7 +138,7 @@ def eval_(
         metrics=chosen,
         lpips_net=lpips_net,
         protocol=protocol,
-        resolution=resolution,
+        resolution=size,
         batch_size=batch_size,
         workers=workers,
         device=device,
@@ -161,7 +163,7 @@ def eval_(
         return
     report = result.report
     if json_path is not None:
-        from ..evaluate import atomic_write
+        from ..fileio import atomic_write
 
         text = json.dumps(report, indent=2) + "\n"
         atomic_write(json_path, lambda tmp: tmp.write_text(text))

@@ -18,13 +18,13 @@ def _targets(out: Path, gif: bool) -> list[Path]:
     return [out / name for name in names]
 
 
-def _prepare_out(out: Path, targets: list[Path], force: bool) -> None:
+def _prepare_out(out: Path, targets: list[Path], overwrite: bool) -> None:
     """Checks every target before any work, so a refusal costs nothing and writes nothing."""
     if out.exists() and not out.is_dir():
         fatal(f"--out {out} is a file, not a folder; choose another --out")
     existing = [p for p in targets if p.exists()]
-    if existing and not force:
-        fatal(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
+    if existing and not overwrite:
+        fatal(f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -37,7 +37,7 @@ def toy(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for the random points and codes."),
     steps: int = typer.Option(200, "--steps", min=1, help="Training steps for each code table."),
     gif: bool = typer.Option(False, "--gif", help=f"Also write the animated {FIG6_GIF}."),
-    force: bool = typer.Option(False, "--force", help="Overwrite figures already in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace figures already in --out."),
 ) -> None:
     """The paper's 2-D experiment (Fig. 6) and Sinkhorn convergence (Fig. 9).
 
@@ -46,7 +46,7 @@ def toy(
     Writes fig6_toy.png and fig9_sinkhorn.png (fig6_toy.gif with --gif); prints each method's code usage.
     """
     targets = _targets(out, gif)
-    _prepare_out(out, targets, force)
+    _prepare_out(out, targets, overwrite)
 
     from rich.console import Console
     from rich.table import Table

