@@ -6,7 +6,8 @@ Programs (written into the output folder):
   torch-export  encode_indices.pt2 / decode_indices.pt2   (torch.export; torch.export.load)
   onnx          encode_indices.onnx / decode_indices.onnx (needs the onnx packages)
 Each takes float32 NCHW images in [-1, 1] or int64 (B, heads, h, w) indices; H and W must be
-multiples of the downsampling factor.
+multiples of the downsampling factor. If torch.export cannot keep the sizes symbolic, the .pt2
+programs take only the example's shape, and the check says so.
 """
 
 from __future__ import annotations
@@ -22,12 +23,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
+from .fileio import atomic_write_text
 from .model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_model
 from .model.optvq import OptVQModel
 
 FORMATS = ("hf", "torchscript", "torch-export", "onnx")
 PROGRAM_SUFFIX = {"torchscript": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
+PROGRAMS = ("encode_indices", "decode_indices")
+HF_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
+# Every file `optvq export` writes: a folder of these only may be replaced by --overwrite.
+EXPORT_FILES = frozenset(HF_FILES) | {p + s for p in PROGRAMS for s in PROGRAM_SUFFIX.values()}
+
+
+def looks_like_export(folder: Path) -> bool:
+    """True for an empty folder or one holding only files an earlier export writes (with its model
+    or programs among them): what ``--overwrite`` may replace without losing anything else."""
+    entries = list(folder.iterdir())
+    if any(not p.is_file() or p.is_symlink() or p.name not in EXPORT_FILES for p in entries):
+        return False
+    names = {p.name for p in entries}
+    has_model = {CONFIG_NAME, WEIGHTS_NAME} <= names
+    return not entries or has_model or any(n.startswith(PROGRAMS) for n in names)
 
 
 class IndexEncoder(nn.Module):
@@ -77,11 +94,16 @@ class Check:
     max_abs_diff: float | None = None  # images: largest |program - model|
     index_mismatches: int | None = None  # indices: how many differ
     index_total: int | None = None
+    static_shape: str | None = None  # torch-export fell back to the example's shape: why
 
     def line(self) -> str:
         if self.index_total is not None:
-            return f"{self.path.name}: {self.index_mismatches}/{self.index_total} indices differ from the model"
-        return f"{self.path.name}: largest |difference| from the model {self.max_abs_diff:.3g}"
+            text = f"{self.path.name}: {self.index_mismatches}/{self.index_total} indices differ from the model"
+        else:
+            text = f"{self.path.name}: largest |difference| from the model {self.max_abs_diff:.3g}"
+        if self.static_shape:
+            text += f"; warning: {self.static_shape}"
+        return text
 
 
 def example_images(model: OptVQModel, height: int, width: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -90,12 +112,6 @@ def example_images(model: OptVQModel, height: int, width: int, batch: int = 2, s
     c = model.config.in_channels
     small = torch.rand(batch, c, max(1, height // 4), max(1, width // 4), generator=g) * 2 - 1
     return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False).clamp(-1, 1)
-
-
-def check_size(model: OptVQModel, height: int, width: int) -> None:
-    f = model.downsample
-    if height % f or width % f or height < f or width < f:
-        raise UserError(f"--size {height}x{width}: must be a multiple of the model's downsampling factor {f}")
 
 
 # -- Hugging Face folder -------------------------------------------------------------------------
@@ -153,15 +169,17 @@ def model_card(model: OptVQModel, sha256: str, dtype: str) -> str:
 
 
 def export_hf(model: OptVQModel, out: Path, dtype: str | None = None) -> Path:
-    """Inference-only folder: config.json, model.safetensors, README.md (model card)."""
+    """Inference-only folder: config.json, model.safetensors, README.md (model card).
+
+    ``dtype`` None keeps the weights dtype the model was loaded from, so re-exporting a model
+    writes the same weights file (the same identity, see optvq_cli.model.checkpoint)."""
     metadata = dict(model.metadata)
     metadata["exported_from"] = model.source
     if model.sha256:
         metadata["source_sha256"] = model.sha256
-    save_model(model, out, metadata=metadata, dtype=dtype)
+    save_model(model, out, metadata=metadata, dtype=dtype or model.weights_dtype)
     doc = json.loads((out / CONFIG_NAME).read_text())
-    card = model_card(model, doc["weights_sha256"], doc["weights_dtype"])
-    (out / "README.md").write_text(card)
+    atomic_write_text(out / "README.md", model_card(model, doc["weights_sha256"], doc["weights_dtype"]))
     return out
 
 
@@ -176,7 +194,7 @@ def _trace(module: nn.Module, example: torch.Tensor):
 
 def export_programs(model: OptVQModel, out: Path, fmt: str, height: int, width: int) -> list[Check]:
     """Write the two programs in ``fmt`` into ``out`` and check them against the model (on CPU)."""
-    check_size(model, height, width)
+    model.check_size(height, width, "--size")
     model.to("cpu").float().eval()  # programs are exported and checked on the CPU, in fp32
     model.compute_dtype = None
     enc, dec = _programs(model)
@@ -187,7 +205,8 @@ def export_programs(model: OptVQModel, out: Path, fmt: str, height: int, width: 
     if fmt not in PROGRAM_SUFFIX:
         raise UserError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     suffix = PROGRAM_SUFFIX[fmt]
-    enc_path, dec_path = out / f"encode_indices{suffix}", out / f"decode_indices{suffix}"
+    enc_path, dec_path = (out / f"{name}{suffix}" for name in PROGRAMS)
+    static: list[str | None] = [None, None]
     # Exporters warn about tracing shape arithmetic and their own deprecations; the programs are
     # checked against the model below instead.
     with torch.no_grad(), warnings.catch_warnings():
@@ -197,8 +216,7 @@ def export_programs(model: OptVQModel, out: Path, fmt: str, height: int, width: 
             torch.jit.save(_trace(dec, ref_idx), str(dec_path))
             run_enc, run_dec = torch.jit.load(str(enc_path)), torch.jit.load(str(dec_path))
         elif fmt == "torch-export":
-            _torch_export(enc, images, enc_path)
-            _torch_export(dec, ref_idx, dec_path)
+            static = [_torch_export(enc, images, enc_path), _torch_export(dec, ref_idx, dec_path)]
             run_enc = torch.export.load(str(enc_path)).module()
             run_dec = torch.export.load(str(dec_path)).module()
         elif fmt == "onnx":
@@ -209,21 +227,29 @@ def export_programs(model: OptVQModel, out: Path, fmt: str, height: int, width: 
     mismatches = int((got_idx.long() != ref_idx.cpu()).sum())
     diff = float((got_img.float() - ref_img.cpu()).abs().max())
     return [
-        Check(enc_path, index_mismatches=mismatches, index_total=ref_idx.numel()),
-        Check(dec_path, max_abs_diff=diff),
+        Check(enc_path, index_mismatches=mismatches, index_total=ref_idx.numel(), static_shape=static[0]),
+        Check(dec_path, max_abs_diff=diff, static_shape=static[1]),
     ]
 
 
-def _torch_export(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _torch_export(module: nn.Module, example: torch.Tensor, path: Path) -> str | None:
+    """Export with symbolic batch and grid sizes; where torch.export cannot, with the example's
+    shape only. Returns None, or what the fallback means for the user."""
     from torch.export import Dim
 
     # Batch and grid sizes stay symbolic, so one program serves any size the model accepts.
     spec = {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}
+    note = None
     try:
         program = torch.export.export(module, (example,), dynamic_shapes=(spec,))
-    except Exception:  # some graphs specialize: fall back to the example's static shape
+    except Exception as e:  # some graphs specialize: fall back to the example's static shape
+        note = (
+            f"takes only inputs of shape {tuple(example.shape)} (torch.export could not keep the sizes "
+            f"dynamic: {first_line(e)}); use --format torchscript or onnx for other sizes"
+        )
         program = torch.export.export(module, (example,))
     torch.export.save(program, str(path))
+    return note
 
 
 def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, name_in: str, name_out: str):
@@ -250,7 +276,8 @@ def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, name_in: 
 
 
 def describe(model: OptVQModel, height: int | None = None, width: int | None = None) -> dict[str, Any]:
-    """What ``optvq info`` prints, as a dict."""
+    """What ``optvq info`` prints, as a dict. With a size: the token grid of such an image after
+    ``encode`` pads it on the right and bottom to a multiple of f (``padded_size``)."""
     cfg = model.config
     info: dict[str, Any] = {
         "arch": cfg.arch,
@@ -271,8 +298,11 @@ def describe(model: OptVQModel, height: int | None = None, width: int | None = N
     }
     if height is not None and width is not None:
         f = cfg.downsample
+        if height < f or width < f:
+            raise UserError(f"--size {height}x{width}: smaller than one token of this model ({f}x{f} px)")
+        ph, pw = -(-height // f) * f, -(-width // f) * f
         info["size"] = [height, width]
-        info["token_grid"] = [cfg.heads, height // f, width // f]
-        info["tokens_per_image"] = cfg.heads * (height // f) * (width // f)
-        info["size_ok"] = height % f == 0 and width % f == 0 and height >= f and width >= f
+        info["padded_size"] = [ph, pw]
+        info["token_grid"] = [cfg.heads, ph // f, pw // f]
+        info["tokens_per_image"] = cfg.heads * (ph // f) * (pw // f)
     return info

@@ -17,17 +17,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     after a kill) see either no file or the whole file, never a truncated one.
 
     The temporary name keeps ``path``'s suffix, so writers that pick a format from it (Pillow,
-    numpy, safetensors) behave as for the real name; it is created with the usual umask.
+    numpy, safetensors) behave as for the real name. The file gets the usual umask-based mode
+    (some writers, safetensors among them, create 0600 files).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{path.suffix}"
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 # What a model folder needs; README.md carries the model card.
 MODEL_FILES = ["config.json", "model.safetensors", "README.md"]
@@ -61,7 +61,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         why = "HF_HUB_OFFLINE is set; unset it and run once with network access to cache the model"
     else:
         why = "the hub cannot be reached; run once with network access to cache the model"
-    not_cached = f"--model {where}: not in the huggingface cache ({cache_dir()}) and {why}, or pass a local folder"
+    not_cached = f"model {where}: not in the huggingface cache ({cache_dir()}) and {why}, or pass a local folder"
     try:
         folder = snapshot_download(
             repo_id,
@@ -74,24 +74,19 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         raise UserError(f"--revision {revision}: no such revision in hub repo {repo_id}") from None
     except _errors("RepositoryNotFoundError", "GatedRepoError"):
         raise UserError(
-            f"--model {repo_id}: no such hub repo, or it is private/gated (log in with `hf auth login`)"
+            f"model {repo_id}: no such hub repo, or it is private/gated (log in with `hf auth login`)"
         ) from None
     except _errors("LocalEntryNotFoundError", "IncompleteSnapshotError", "OfflineModeIsEnabled"):
         raise UserError(not_cached) from None
     except _errors("HFValidationError") as e:
-        raise UserError(f"--model {repo_id}: not a valid hub id ({_first_line(e)})") from None
+        raise UserError(f"model {repo_id}: not a valid hub id ({first_line(e)})") from None
     except _errors("HfHubHTTPError") as e:
-        raise UserError(f"--model {where}: the hub refused the download ({_first_line(e)}); try again") from None
+        raise UserError(f"model {where}: the hub refused the download ({first_line(e)}); try again") from None
     except Exception as e:
         if _network_error(e):
             raise UserError(not_cached) from None
         raise
     return Path(folder)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def push(folder: str | Path, repo_id: str, private: bool = False, message: str | None = None) -> str:
@@ -112,9 +107,9 @@ def push(folder: str | Path, repo_id: str, private: bool = False, message: str |
     except _errors("LocalTokenNotFoundError"):
         raise UserError(f"--push-to-hub {repo_id}: not logged in; run `hf auth login` or set HF_TOKEN") from None
     except (*_errors("HfHubHTTPError", "HFValidationError"), OSError) as e:
-        raise UserError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {_first_line(e)})") from None
+        raise UserError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {first_line(e)})") from None
     except Exception as e:
         if _network_error(e):
-            raise UserError(f"--push-to-hub {repo_id}: the hub cannot be reached ({_first_line(e)})") from None
+            raise UserError(f"--push-to-hub {repo_id}: the hub cannot be reached ({first_line(e)})") from None
         raise
     return f"https://huggingface.co/{repo_id}"

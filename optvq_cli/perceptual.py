@@ -315,7 +315,7 @@ def load_state(module: nn.Module, path: Path, what: str) -> None:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: not readable {what} weights ({e}); run `optvq weights fetch --force`") from None
+        raise UserError(f"{path}: not readable {what} weights ({e}); run `optvq weights fetch --rebuild`") from None
     own = module.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise UserError(f"{path}: these are not {what} weights in optvq's layout; run `optvq weights fetch`")

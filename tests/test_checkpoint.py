@@ -84,8 +84,53 @@ def test_safetensors_file_carries_its_config(tiny_dir, tmp_path):
     alone.parent.mkdir()
     shutil.copy(tiny_dir / "model.safetensors", alone)
     model = load_model(str(alone), device="cpu")
-    assert model.config == PRESETS["tiny"] and model.metadata["dataset"] == "unit-test"
-    assert model.source == str(alone.resolve())
+    assert model.config == PRESETS["tiny"] and model.source == str(alone.resolve())
+    # the free-form metadata lives in config.json only: it must not change the weights' bytes
+    assert "dataset" not in model.metadata
+
+
+SAVE_IN_ANOTHER_PROCESS = """
+import sys, torch
+from optvq_cli.model import build_model, save_model
+torch.manual_seed(0)
+save_model(build_model("tiny"), sys.argv[1], metadata={"dataset": "another", "steps": 7, "z": 1, "a": 2})
+"""
+
+
+def test_identity_is_reproducible_across_saves_and_processes(tiny_dir, tmp_path):
+    """The same model saved twice, in two processes and with other metadata, is the same file,
+    so the same identity; the header holds one metadata key, a sorted JSON string."""
+    import subprocess
+    import sys
+
+    other = tmp_path / "other-process"
+    subprocess.run([sys.executable, "-c", SAVE_IN_ANOTHER_PROCESS, str(other)], check=True, timeout=120)
+    a, b = tiny_dir / "model.safetensors", other / "model.safetensors"
+    assert a.read_bytes() == b.read_bytes()
+    assert load_model(tiny_dir, device="cpu").sha256 == load_model(other, device="cpu").sha256 == file_sha256(a)
+    assert json.loads((other / "config.json").read_text())["metadata"]["dataset"] == "another"
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as f:
+        meta = f.metadata()
+    assert list(meta) == [ckpt.META_KEY]
+    stored = json.loads(meta[ckpt.META_KEY])
+    assert stored == {"optvq_format": 1, "model": PRESETS["tiny"].to_dict()}
+    assert meta[ckpt.META_KEY] == json.dumps(stored, sort_keys=True)
+
+
+def test_files_written_by_earlier_versions_still_load(tmp_path):
+    """Earlier saves: "format" + config + metadata as three header keys (in a random order)."""
+    path = tmp_path / "old.safetensors"
+    meta = {
+        "format": "pt",
+        ckpt.META_CONFIG: json.dumps(PRESETS["tiny"].to_dict()),
+        ckpt.META_METADATA: json.dumps({"dataset": "old"}),
+    }
+    save_file(_tiny_tensors(), str(path), metadata=meta)
+    model = load_model(path, device="cpu")
+    assert model.config == PRESETS["tiny"] and model.metadata["dataset"] == "old"
+    assert model.sha256 == file_sha256(path)
 
 
 def test_half_precision_weights_keep_quantizer_fp32(tmp_path):
@@ -239,6 +284,7 @@ def test_authors_format_loads_and_gives_their_indices(tmp_path, caplog):
     assert sorted(model.ignored_keys) == sorted(k for k in tensors if k.startswith("model.loss."))
     assert f"ignored {n_loss} training-only" in caplog.text
     assert model.metadata["checkpoint_format"] == "upstream"
+    assert model.sha256 == file_sha256(folder / "model.safetensors")  # their identity: the file's sha256
     assert model.config.heads == 2 and model.config.n_codes == 64 and model.config.epsilon == 10
     for k, v in model.state_dict().items():
         assert torch.equal(v, tensors["model." + k]), k
@@ -303,14 +349,6 @@ def test_export_of_authors_model_is_inference_only(tmp_path):
     again = load_model(str(out), device="cpu")
     x = images(2, 16)
     assert torch.equal(again.encode_indices(x, assign="sinkhorn"), model.encode_indices(x, assign="sinkhorn"))
-
-
-def test_training_tensors_stay_available(tmp_path):
-    folder = tmp_path / "upstream"
-    tensors = write_upstream_tiny(folder)
-    extra = ckpt.load_training_tensors(str(folder))
-    assert set(extra) == {k[len("model.") :] for k in tensors if k.startswith("model.loss.")}
-    assert extra["loss.discriminator.main.3.num_batches_tracked"].dtype == torch.int64
 
 
 # -- the authors' training checkpoints -----------------------------------------------------------
@@ -420,10 +458,17 @@ def test_truncated_file(tiny_dir):
 
 def test_pickle_renamed_safetensors(tmp_path):
     path = tmp_path / "model.safetensors"
-    torch.save(_tiny_tensors(), path)
+    tensors = _tiny_tensors()
+    torch.save({"model": tensors}, path)
     with pytest.raises(UserError) as e:
         load_model(str(path), device="cpu")
-    one_line_error(e, "pickle", "--from-upstream")
+    msg = one_line_error(e, "pickle", "--from-upstream")
+    # the advice works: the converter tells the file by its content, not its name
+    assert f"optvq export --from-upstream {path} OUT" in msg
+    model = ckpt.convert_upstream(path)
+    assert model.config == PRESETS["tiny"].replace(resolution=32)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, tensors[k]), k
 
 
 def test_folder_without_weights(tmp_path):
@@ -447,6 +492,62 @@ def test_bad_config_json_and_missing_config(tiny_dir, tmp_path):
     with pytest.raises(UserError) as e:
         load_model(str(bare), device="cpu")
     one_line_error(e, "no model config")
+
+
+def _refuse_building(monkeypatch):
+    """Make building any model an error: a check that must come first is then proven to."""
+
+    def no_build(*a, **k):
+        raise AssertionError("the model was built before the config was checked against the file")
+
+    monkeypatch.setattr(ckpt, "build_model", no_build)
+
+
+def test_oversized_config_is_refused_before_building(tiny_dir, monkeypatch):
+    doc = json.loads((tiny_dir / "config.json").read_text())
+    doc["model"]["n_codes"] = 2_000_000_000  # would be a 32 GB codebook
+    (tiny_dir / "config.json").write_text(json.dumps(doc))
+    _refuse_building(monkeypatch)
+    with pytest.raises(UserError) as e:
+        load_model(str(tiny_dir), device="cpu")
+    one_line_error(e, "quantize.embedding.weight", "(64, 4)", "(2000000000, 4)", "does not match")
+
+
+@pytest.mark.parametrize(
+    "change,needles",
+    [
+        ({"ch": 1 << 20}, ("encoder.conv_in.weight", "does not match")),
+        ({"num_res_blocks": 1000}, ("encoder.down.0.block.999.conv2.weight", "missing")),
+        ({"ch_mult": [1, 2, 2, 2, 2, 2]}, ("encoder.down.2.block.0.conv1.weight", "missing")),
+        ({"z_channels": 1 << 16}, ("(16, 65536, 1, 1)", "does not match")),
+    ],
+)
+def test_vqgan_sizes_are_checked_against_the_header(tmp_path, monkeypatch, change, needles):
+    folder = tmp_path / "upstream"
+    write_upstream_tiny(folder, with_loss=False)
+    raw = json.loads((folder / "config.json").read_text())
+    cfg = ckpt.parse_config(raw, "x").config.to_dict()
+    cfg.update(change)
+    cfg["resolution"] = 256  # fits every ch_mult above; attention placement is not in question here
+    cfg["attn_resolutions"] = []
+    (folder / "config.json").write_text(json.dumps({"optvq_format": 1, "model": cfg}))
+    _refuse_building(monkeypatch)
+    with pytest.raises(UserError) as e:
+        load_model(folder, device="cpu")
+    one_line_error(e, "model.safetensors", *needles)
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [("e_dim", 0, "e_dim=0"), ("epsilon", 0, "epsilon=0"), ("n_iters", 0, "n_iters=0"), ("heads", "2", "heads")],
+)
+def test_bad_config_values_are_one_line(tiny_dir, field, value, needle):
+    doc = json.loads((tiny_dir / "config.json").read_text())
+    doc["model"][field] = value
+    (tiny_dir / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError) as e:
+        load_model(str(tiny_dir), device="cpu")
+    one_line_error(e, "config.json", "bad model config", needle)
 
 
 def test_weights_replaced_after_export(tiny_dir):

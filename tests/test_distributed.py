@@ -29,9 +29,7 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 def test_two_gloo_processes_match_one(tmp_path):
     out = tmp_path / "out.pt"
-    mp.start_processes(
-        _worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True, start_method="spawn"
-    )
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True, start_method="spawn")
     parts = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     got = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     x, codes = _data()

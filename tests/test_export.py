@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +64,7 @@ def test_export_hf_folder(tiny_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "tiny"]
     r = invoke("export", tiny_dir, out)
     assert r.exit_code == 1 and "--overwrite" in r.output
-    r = invoke("export", tiny_dir, out, "--force", "--dtype", "bf16")
+    r = invoke("export", tiny_dir, out, "--overwrite", "--dtype", "bf16")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["weights_dtype"] == "bf16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "tiny"]
@@ -194,3 +196,132 @@ def test_info_bad_checkpoint_is_one_line(tiny_dir, tmp_path, case):
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.output
     assert "Traceback" not in r.output
+
+
+# -- identity: the same model, the same weights file ----------------------------------------------
+def test_re_export_keeps_the_identity(tiny_dir, tmp_path):
+    """Exporting twice, and exporting an export, writes the same weights file: tokens encoded with
+    one decode with the others. A half-precision export stays half precision when re-exported."""
+    digests = []
+    for i, src in enumerate([tiny_dir, tiny_dir, tmp_path / "e0"]):
+        r = invoke("export", src, tmp_path / f"e{i}")
+        assert r.exit_code == 0, r.output
+        digests.append(sha(tmp_path / f"e{i}" / "model.safetensors"))
+        assert f"sha256: {digests[-1]}" in r.output
+    assert digests == [sha(tiny_dir / "model.safetensors")] * 3
+    assert invoke("export", tiny_dir, tmp_path / "h0", "--dtype", "fp16").exit_code == 0
+    r = invoke("export", tmp_path / "h0", tmp_path / "h1")
+    assert r.exit_code == 0 and "(fp16)" in r.output, r.output
+    assert sha(tmp_path / "h1" / "model.safetensors") == sha(tmp_path / "h0" / "model.safetensors") != digests[0]
+
+
+# -- what export writes, and what it refuses to replace ------------------------------------------
+def test_exported_files_get_the_usual_modes(tiny_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        r = invoke("export", tiny_dir, tmp_path / "new" / "out", "--format", "hf", "--format", "torchscript")
+        save_model(build_model("tiny"), tmp_path / "saved")
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "new" / "out"
+    for folder in (tmp_path / "new", out, tmp_path / "saved"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+    files = [*out.iterdir(), *(tmp_path / "saved").iterdir()]
+    assert len(files) == 7
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def _one_error_line(r) -> str:
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.output, r.output
+    return lines[0]
+
+
+def test_overwrite_replaces_only_an_earlier_export(tiny_dir, tmp_path, monkeypatch):
+    user = tmp_path / "userdir"
+    user.mkdir()
+    (user / "thesis.tex").write_text("x")
+    line = _one_error_line(invoke("export", tiny_dir, user, "--overwrite"))
+    assert "does not write" in line and (user / "thesis.tex").read_text() == "x"
+    # an earlier export with a stray file in it is refused too; without it, it is replaced
+    assert invoke("export", tiny_dir, tmp_path / "prev").exit_code == 0
+    (tmp_path / "prev" / "notes.txt").write_text("mine")
+    _one_error_line(invoke("export", tiny_dir, tmp_path / "prev", "--overwrite"))
+    (tmp_path / "prev" / "notes.txt").unlink()
+    r = invoke("export", tiny_dir, tmp_path / "prev", "--overwrite", "--format", "torchscript")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "prev").iterdir()) == ["decode_indices.pt", "encode_indices.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prev", "tiny", "userdir"]  # nothing left aside
+    # the current folder, or one above it, is never OUT
+    monkeypatch.chdir(tmp_path / "prev")
+    for out in (".", "..", "/"):
+        assert "current folder" in _one_error_line(invoke("export", tiny_dir, out, "--overwrite"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prev", "tiny", "userdir"]
+
+
+def test_out_under_a_file_is_one_line(tiny_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert "afile is a file" in _one_error_line(invoke("export", tiny_dir, tmp_path / "afile" / "sub"))
+    assert "is a file" in _one_error_line(invoke("export", tiny_dir, tmp_path / "afile", "--overwrite"))
+    r = invoke("export", tiny_dir, tmp_path / "missing" / "parents" / "out")  # parents are created
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "missing" / "parents" / "out" / "model.safetensors").is_file()
+
+
+def test_torch_export_fallback_is_reported(tiny_dir, tmp_path, monkeypatch):
+    real = torch.export.export
+
+    def no_dynamic(module, args, dynamic_shapes=None, **kw):
+        if dynamic_shapes is not None:
+            raise RuntimeError("cannot keep it dynamic\nsecond line")
+        return real(module, args, **kw)
+
+    monkeypatch.setattr(torch.export, "export", no_dynamic)
+    r = invoke("export", tiny_dir, tmp_path / "p", "--format", "torch-export", "--size", "16")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("warning: takes only inputs of shape") == 2
+    assert "(2, 3, 16, 16)" in r.output and "(2, 2, 4, 4)" in r.output and "cannot keep it dynamic" in r.output
+
+
+# -- info: which model is described ---------------------------------------------------------------
+def test_info_falls_back_to_a_preset_only_when_nothing_has_the_name(tiny_dir, tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = invoke("info", "tiny", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["described"] == "preset"
+    # flags are not ignored for a preset
+    assert "--device" in _one_error_line(invoke("info", "tiny", "--device", "cuda:99"))
+    assert "--revision" in _one_error_line(invoke("info", "tiny", "--revision", "v1"))
+    # a folder of that name is what every command would load: it is described, and says so
+    monkeypatch.chdir(tmp_path)
+    r = invoke("info", "tiny")
+    assert r.exit_code == 0, r.output
+    assert f"checkpoint {tiny_dir.resolve()}" in r.output and "optvq info preset:tiny" in r.output
+    assert sha(tiny_dir / "model.safetensors") in r.output
+    r = invoke("info", "preset:tiny")
+    assert r.exit_code == 0 and "preset:tiny (untrained" in r.output, r.output
+    # a broken folder of that name is an error, not the preset
+    (tiny_dir / "model.safetensors").write_bytes(b"12345")
+    assert "truncated" in _one_error_line(invoke("info", "tiny"))
+
+
+def test_info_of_nothing_names_the_model_and_the_presets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _one_error_line(invoke("info", "nope"))
+    assert "model nope:" in line and "--model" not in line and "imagenet-f16-h4" in line
+    line = _one_error_line(invoke("export", "nope", tmp_path / "out"))
+    assert "model nope:" in line and "--model" not in line
+
+
+def test_info_grid_after_padding_and_fields_of_the_architecture(tiny_dir):
+    r = invoke("info", tiny_dir, "--size", "63")
+    assert r.exit_code == 0, r.output
+    assert "63x63 (padded to 64x64, a multiple of 4, as encode does) -> 2 heads x 16 x 16 = 512 tokens" in r.output
+    assert "smaller than one token" in _one_error_line(invoke("info", tiny_dir, "--size", "1x1"))
+    d = json.loads(invoke("info", tiny_dir, "--json").output)
+    assert "cnn_widths" in d["config"] and "ch_mult" not in d["config"] and "z_channels" not in d["config"]
+    assert "ch_mult" not in json.loads((tiny_dir / "config.json").read_text())["model"]

@@ -48,3 +48,14 @@ class _Evil:
 def test_numpy_pickle_refuses_code():
     with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
         load_numpy_pickle(io.BytesIO(pickle.dumps({"x": _Evil()})))
+
+
+def test_atomic_write_gives_the_umask_mode_even_to_private_writers(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "w.bin", lambda tmp: (tmp.write_bytes(b"x"), os.chmod(tmp, 0o600)))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.bin").stat().st_mode & 0o777 == 0o644

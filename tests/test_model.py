@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from optvq_cli.device import autocast, resolve_device, resolve_dtype
 from optvq_cli.errors import UserError
+from optvq_cli.export import describe
 from optvq_cli.model import PRESETS, ModelConfig, OptVQModel, build_model
 from optvq_cli.model.assign import sinkhorn_assign_plain
 from optvq_cli.model.vqgan import AttnBlock, Downsample, Upsample
@@ -66,7 +67,12 @@ def test_downsampling_factors_and_grids():
     assert build_model("imagenet-f16-h4", device="meta").downsample == 16
     assert build_model("tiny-vqgan", device="meta").downsample == 2
     m = build_model("imagenet-f16-h8", device="meta")
-    assert m.token_grid(256, 384) == (8, 16, 24)
+    assert describe(m, 256, 384)["token_grid"] == [8, 16, 24]
+    # encode pads to a multiple of f = 16 on the right and bottom: 250 -> 256, 385 -> 400
+    d = describe(m, 250, 385)
+    assert d["padded_size"] == [256, 400] and d["token_grid"] == [8, 16, 25] and d["tokens_per_image"] == 3200
+    with pytest.raises(UserError, match="smaller than one token"):
+        describe(m, 15, 64)
     assert (m.config.n_codes, m.config.code_dim) == (16384, 32)
 
 
@@ -331,6 +337,52 @@ def test_config_round_trip_and_validation():
     with pytest.raises(UserError, match="unknown preset"):
         build_model("huge")
     assert build_model("tiny", in_channels=1).config.out_channels == 1
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"n_codes": 0}, "n_codes"),
+        ({"n_codes": 2.5}, "n_codes"),
+        ({"e_dim": 0}, "e_dim"),
+        ({"heads": 0}, "heads"),
+        ({"in_channels": 0}, "in_channels"),
+        ({"out_channels": -1}, "out_channels"),
+        ({"n_iters": 0}, "n_iters"),
+        ({"epsilon": 0}, "epsilon"),
+        ({"epsilon": float("nan")}, "epsilon"),
+        ({"beta": -0.1}, "beta"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"loss_type": "l3"}, "loss_type"),
+        ({"commitment": "both"}, "commitment"),
+        ({"assign": "greedy"}, "assign"),
+        ({"use_proj": "yes"}, "use_proj"),
+        ({"resolution": 0}, "resolution"),
+        ({"resolution": 42}, "resolution"),  # no multiple of the plain CNN's f = 4
+        ({"ch_mult": "12"}, "ch_mult"),
+        ({"num_res_blocks": 0}, "num_res_blocks"),
+        ({"attn_resolutions": [24]}, "attn_resolutions"),
+        ({"cnn_widths": [8, 8]}, "cnn_widths"),
+        ({"z_channels": True}, "z_channels"),
+    ],
+)
+def test_every_config_field_is_validated(change, field):
+    base = PRESETS["tiny-vqgan"] if field in ("ch_mult", "num_res_blocks", "attn_resolutions") else PRESETS["tiny"]
+    d = {**base.to_dict(), **change}
+    with pytest.raises(ValueError, match=field):
+        ModelConfig.from_dict(d)
+
+
+def test_config_json_holds_only_the_fields_of_its_architecture():
+    plain, vqgan = PRESETS["tiny"].to_dict(), PRESETS["tiny-vqgan"].to_dict()
+    assert "cnn_widths" in plain and not {"ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels"} & set(
+        plain
+    )
+    assert "ch_mult" in vqgan and "cnn_widths" not in vqgan
+    # files written before carry every field: still read, to the same config
+    full = {**PRESETS["tiny"].to_dict(), "ch": 128, "ch_mult": [1, 1, 2, 2, 4], "z_channels": 256}
+    assert ModelConfig.from_dict(full) == PRESETS["tiny"]
+    assert ModelConfig.from_dict({**plain, "epsilon": 10}).epsilon == 10.0  # JSON 10 and 10.0: one value
 
 
 def test_model_is_the_one_class():

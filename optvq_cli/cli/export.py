@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import typer
 
 from ..errors import UserError
+from ..fileio import TMP_MARK
 from .app import app, fatal
 
 MODEL_HELP = "Model: a folder, a .safetensors file, a bundled name or a hub id (ORG/NAME)."
+PRESET_PREFIX = "preset:"  # `optvq info preset:NAME`: the preset even where a folder has its name
 
 
 def parse_size(text: str | None, default: int) -> tuple[int, int]:
@@ -41,15 +44,55 @@ def _formats(values: list[str]) -> list[str]:
     return out or ["hf"]
 
 
+def _aside(path: Path, what: str) -> Path:
+    """A hidden name beside ``path`` for a folder in transit (same filesystem, so renames are atomic)."""
+    return path.parent / f".{path.name}{TMP_MARK}{what}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an OUT that cannot or must not be replaced, before any work: the current folder or
+    one above it, a file (or a path through one), an existing folder without --overwrite, and,
+    even with it, a folder holding anything an export does not write."""
+    from ..export import looks_like_export
+
+    here, target = Path.cwd().resolve(), out.resolve()
+    if here == target or target in here.parents:
+        raise UserError(f"{out}: OUT is the current folder or contains it; give a new folder for the export")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{out}: {parent} is a file, not a folder; give another OUT")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} is a file; give a folder path for OUT")
+    if not force:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if not looks_like_export(out):
+        raise UserError(
+            f"{out} holds files `optvq export` does not write; refusing to replace it with --overwrite: "
+            "give another OUT or remove the folder yourself"
+        )
+
+
 def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one (with --force) goes only once the new one is there."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.replace(old / out.name)
-    tmp.replace(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move the finished folder into place. An old OUT (checked by check_out) is renamed aside and
+    deleted only once the new one is there; if the move fails, it is put back."""
+    if not (out.exists() or out.is_symlink()):
+        tmp.replace(out)
+        return
+    old = _aside(out, "old")
+    out.replace(old)
+    try:
+        tmp.replace(out)
+    except BaseException:
+        old.replace(out)
+        raise
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old)
 
 
 def _load(model: str, from_upstream: bool, revision: str | None, device: str):
@@ -65,14 +108,20 @@ def _load(model: str, from_upstream: bool, revision: str | None, device: str):
 @app.command()
 def export(
     model: str = typer.Argument(..., help=MODEL_HELP + " With --from-upstream: the authors' checkpoint.pth."),
-    out: Path = typer.Argument(..., help="Output folder (created; refused if it exists unless --overwrite)."),
+    out: Path = typer.Argument(
+        ..., help="Output folder (created with its parents; an existing one needs --overwrite)."
+    ),
     format: list[str] = typer.Option(
         ["hf"],
         "--format",
         "-f",
         help="hf, torchscript, torch-export or onnx; repeat (or comma-separate) for several.",
     ),
-    dtype: str | None = typer.Option(None, "--dtype", help="hf weights in fp16 or bf16 (the quantizer stays fp32)."),
+    dtype: str | None = typer.Option(
+        None,
+        "--dtype",
+        help="hf weights in fp32, fp16 or bf16 (default: as MODEL stores them; the quantizer stays fp32).",
+    ),
     from_upstream: bool = typer.Option(
         False, "--from-upstream", help="MODEL is the authors' training checkpoint ({'model': state_dict})."
     ),
@@ -85,7 +134,9 @@ def export(
         "--size",
         help="Example image size for program exports, H or HxW (default: the model's resolution).",
     ),
-    force: bool = typer.Option(False, "--overwrite", "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(
+        False, "--overwrite", help="Replace OUT if it exists and holds only an earlier export."
+    ),
 ) -> None:
     """Export a model: an inference-only Hugging Face folder and/or standalone programs."""
     try:
@@ -106,14 +157,12 @@ def _export(model, out, format, dtype, from_upstream, push_to_hub, private, revi
     if push_to_hub and "hf" not in formats:
         raise UserError("--push-to-hub uploads the hf folder: add --format hf")
     out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; give a folder path")
+    check_out(out, force)
     m = _load(model, from_upstream, revision, device)
     h, w = parse_size(size, m.config.resolution)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _aside(out, "new")
+    tmp.mkdir()  # with the usual umask, like every folder a user creates
     lines = []
     try:
         if "hf" in formats:
@@ -144,15 +193,36 @@ def _describe_preset(name: str):
     from ..model.optvq import PRESETS, build_model
 
     if name not in PRESETS:
-        return None
+        raise UserError(f"model {PRESET_PREFIX}{name}: no such preset; presets: {', '.join(PRESETS)}")
     model = build_model(name, device="meta")
     model.source = f"preset:{name} (untrained, no weights)"
     return model
 
 
+def _model_to_describe(ref: str, revision: str | None, device: str):
+    """(model, what it is). A preset only when the reference names nothing else at all: a folder,
+    file, bundled or hub model of that name, or an error loading it, wins."""
+    from ..model.checkpoint import NotFound, load_located, locate
+    from ..model.optvq import PRESETS
+
+    if ref.startswith(PRESET_PREFIX):
+        if revision is not None:
+            raise UserError(f"--revision {revision}: only a hub id takes a revision, not {ref}")
+        return _describe_preset(ref[len(PRESET_PREFIX) :]), "preset"
+    try:
+        located = locate(ref, revision)
+    except NotFound as e:
+        if ref in PRESETS:
+            return _describe_preset(ref), "preset"
+        raise UserError(f"{e}; nor is it a preset ({', '.join(PRESETS)})") from None
+    return load_located(located, device=device), "checkpoint"
+
+
 @app.command()
 def info(
-    model: str = typer.Argument(..., help=MODEL_HELP + " A preset name describes the untrained preset."),
+    model: str = typer.Argument(
+        ..., help=MODEL_HELP + " A preset name (or preset:NAME) describes the untrained preset."
+    ),
     size: str | None = typer.Option(None, "--size", help="Image size for the token grid, H or HxW."),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N to load on."),
@@ -165,18 +235,25 @@ def info(
         fatal(str(e))
 
 
-def _info(model: str, size: str | None, revision: str | None, device: str, as_json: bool) -> None:
-    from ..export import describe
-    from ..model.checkpoint import load_model
+def _described(m, kind: str, ref: str) -> str:
+    from ..model.optvq import PRESETS
 
-    try:
-        m = load_model(model, device=device, revision=revision)
-    except UserError:
-        m = None if Path(model).exists() else _describe_preset(model)
-        if m is None:
-            raise
+    if kind == "preset":
+        return f"{m.source}; no folder, file or hub model has that name"
+    text = f"checkpoint {m.source}"
+    if ref in PRESETS:
+        text += f" (not the preset {ref}: `optvq info {PRESET_PREFIX}{ref}` describes that)"
+    return text
+
+
+def _info(model: str, size: str | None, revision: str | None, device: str, as_json: bool) -> None:
+    from ..device import resolve_device
+    from ..export import describe
+
+    resolve_device(device)  # a bad --device is an error, for a preset too
+    m, kind = _model_to_describe(model, revision, device)
     h, w = parse_size(size, m.config.resolution)
-    d = describe(m, h, w)
+    d = {"described": kind, **describe(m, h, w)}
     if as_json:
         typer.echo(json.dumps(d, indent=2, default=str))
         return
@@ -189,12 +266,14 @@ def _info(model: str, size: str | None, revision: str | None, device: str, as_js
     else:
         detail = f"widths {list(c.cnn_widths)}"
     heads, gh, gw = d["token_grid"]
-    grid = f"{h}x{w} -> {heads} heads x {gh} x {gw} = {d['tokens_per_image']} tokens"
-    if not d["size_ok"]:
-        grid += f" (not a multiple of {c.downsample}: images must be resized or cropped)"
+    ph, pw = d["padded_size"]
+    grid = f"{h}x{w}"
+    if (ph, pw) != (h, w):
+        grid += f" (padded to {ph}x{pw}, a multiple of {c.downsample}, as encode does)"
+    grid += f" -> {heads} heads x {gh} x {gw} = {d['tokens_per_image']} tokens"
     p = d["parameters"]
     rows = [
-        ("source", m.source),
+        ("model", _described(m, kind, model)),
         ("sha256", m.sha256 or "-"),
         ("architecture", f"{c.arch} ({detail})"),
         ("downsampling", f"f = {c.downsample}"),

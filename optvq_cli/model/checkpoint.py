@@ -5,6 +5,15 @@ A model reference is, in this order: a local folder; a ``.safetensors`` file who
 its header metadata; a bundled name (``checkpoints/<name>/``); a hub id ``ORG/NAME`` downloaded
 and cached by huggingface_hub. Nothing here unpickles a file, except ``convert_upstream`` which
 goes through ``torch.load(weights_only=True)``.
+
+A model's identity (``model.sha256``, what token manifests record) is the sha256 of its weights
+file, for our files and the authors' alike: ``sha256sum model.safetensors`` gives it, and a hub
+cache blob is named by it. For that to name the *model*, ``save_model`` writes reproducible bytes
+that depend on the model alone: the tensors, in the order safetensors sorts them, and ONE header
+metadata key holding the config as sorted JSON (safetensors writes several keys in a
+process-random order). Free-form metadata (dataset, metrics, where it was exported from) lives
+only in ``config.json``. So saving the same model twice, in any process, or re-exporting it with
+the same weights dtype, gives the same file and the same identity.
 """
 
 from __future__ import annotations
@@ -14,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +32,8 @@ import torch
 
 from .. import hub
 from ..device import DTYPE_NAMES, resolve_device, resolve_dtype
-from ..errors import UserError
+from ..errors import UserError, first_line
+from ..fileio import atomic_write, atomic_write_text
 from .optvq import ModelConfig, OptVQModel, build_model
 
 log = logging.getLogger("optvq")
@@ -32,7 +41,9 @@ log = logging.getLogger("optvq")
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
-META_CONFIG = "optvq_config"  # safetensors header key holding the ModelConfig as JSON
+META_KEY = "optvq"  # the one header metadata key: {"optvq_format": 1, "model": config} as sorted JSON
+# Written by earlier versions (with "format": "pt", in a random order); still read.
+META_CONFIG = "optvq_config"
 META_METADATA = "optvq_metadata"
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
 # Folders searched for bundled names: the source checkout's checkpoints/, then the package's own.
@@ -56,28 +67,22 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _shape(shape) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 # -- saving --------------------------------------------------------------------------------------
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
+    """safetensors.save_file, then the usual umask's mode: safetensors creates its files 0600,
+    and a saved model is as readable as any other file the user writes."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=header)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_model(
     model: OptVQModel,
     directory: str | Path,
@@ -87,13 +92,14 @@ def save_model(
     """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created), each atomically;
     the config is also stored in the weights' header so the file alone is a complete model.
 
+    The weights file is reproducible (see the module doc): its bytes, and so the model's identity,
+    depend on the config and the tensors only; ``metadata`` goes into ``config.json`` alone.
     ``dtype`` (fp16 / bf16) stores the encoder, decoder and connectors in half precision; the
     quantizer's tensors stay fp32. ``config.json`` records the weights' sha256.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     half = resolve_dtype(dtype)
-    metadata = dict(metadata or {})
     tensors = {}
     for name, t in model.state_dict().items():
         t = t.detach().to("cpu")
@@ -101,29 +107,26 @@ def save_model(
             t = t.to(half)
         tensors[name] = t.contiguous()
     cfg = model.config.to_dict()
-    header = {
-        "format": "pt",
-        META_CONFIG: json.dumps(cfg, sort_keys=True),
-        META_METADATA: json.dumps(metadata, sort_keys=True, default=str),
-    }
+    header = {META_KEY: json.dumps({"optvq_format": FORMAT_VERSION, "model": cfg}, sort_keys=True)}
     weights = directory / WEIGHTS_NAME
 
-    from safetensors.torch import save_file
-
-    _atomic_write(weights, lambda p: save_file(tensors, str(p), metadata=header))
+    atomic_write(weights, lambda p: _save_safetensors(tensors, p, header))
     doc = {
         "optvq_format": FORMAT_VERSION,
         "model": cfg,
         "weights_dtype": DTYPE_NAMES.get(half, "fp32") if half is not None else "fp32",
         "weights_sha256": sha256_file(weights),
-        "metadata": metadata,
+        "metadata": dict(metadata or {}),
     }
-    text = json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(doc, indent=2, default=str) + "\n")
     return directory
 
 
 # -- naming a model ------------------------------------------------------------------------------
+class NotFound(UserError):
+    """A reference that names nothing: no folder, file, bundled model or hub id."""
+
+
 @dataclass
 class Located:
     """Where a reference points: the weights file, its config.json if any, and a provenance line."""
@@ -171,10 +174,11 @@ def _locate_dir(folder: Path, source: str) -> Located:
 
 
 def locate(ref: str | Path, revision: str | None = None) -> Located:
-    """Resolve a ``--model`` reference to local files (downloading hub models into the cache)."""
+    """Resolve a model reference to local files (downloading hub models into the cache).
+    Raises NotFound when it names nothing at all, UserError for anything else wrong."""
     text = str(ref).strip()
     if not text:
-        raise UserError("--model is empty: give a folder, a .safetensors file, a bundled name or a hub id")
+        raise UserError("the model reference is empty: give a folder, a .safetensors file, a bundled name or a hub id")
     path = Path(text).expanduser()
     is_hub = not path.exists() and _bundled(text) is None and hub.looks_like_repo_id(text)
     if revision is not None and not is_hub:
@@ -182,9 +186,10 @@ def locate(ref: str | Path, revision: str | None = None) -> Located:
     if path.is_dir():
         return _locate_dir(path, str(path.resolve()))
     if path.is_file():
-        if path.suffix == ".safetensors":
+        kind = sniff(path)
+        if path.suffix == ".safetensors" or kind == "safetensors":
             return Located(path, None, str(path.resolve()))
-        if path.suffix in PICKLE_SUFFIXES:
+        if path.suffix in PICKLE_SUFFIXES or kind == "pickle":
             raise UserError(f"{path} is a pickled checkpoint, which is never loaded as is: {_convert_hint(path)}")
         raise UserError(f"{path}: not a model; give a folder with {WEIGHTS_NAME} or a .safetensors file")
     bundled = _bundled(text)
@@ -194,21 +199,30 @@ def locate(ref: str | Path, revision: str | None = None) -> Located:
         folder = hub.download(text, revision)
         return _locate_dir(folder, f"hub:{text}@{folder.name}")  # snapshot folder = commit hash
     names = ", ".join(bundled_names()) or "none installed"
-    raise UserError(f"--model {text}: no such folder or file, bundled model ({names}) or hub id (ORG/NAME)")
+    raise NotFound(f"model {text}: no such folder or file, bundled model ({names}) or hub id (ORG/NAME)")
 
 
 # -- reading a weights file ----------------------------------------------------------------------
-def _check_not_pickle(path: Path) -> None:
+def sniff(path: Path) -> str:
+    """What a file holds, by its first bytes, whatever its name: ``safetensors``, ``pickle``
+    (torch.save's zip or a bare pickle) or ``unknown``."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) < 9:
-        raise UserError(f"{path}: truncated ({len(head)} bytes), not a safetensors file; download or export it again")
-    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
-        return
-    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1] in range(2, 6)):
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pickle"
+    return "unknown"
+
+
+def _check_not_pickle(path: Path) -> None:
+    if sniff(path) == "pickle":
         raise UserError(
             f"{path} is a pickle (torch.save) file named .safetensors and is never unpickled: {_convert_hint(path)}"
         )
+    size = path.stat().st_size
+    if size < 9:
+        raise UserError(f"{path}: truncated ({size} bytes), not a safetensors file; download or export it again")
 
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]], dict[str, str]]:
@@ -225,7 +239,7 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]],
                 shapes[k] = tuple(int(v) for v in s.get_shape())
                 dtypes[k] = str(s.get_dtype())
     except (SafetensorError, OSError, ValueError) as e:
-        msg = _one_line(e)
+        msg = first_line(e)
         if "incomplete" in msg or "not fully covered" in msg or "header length" in msg:
             why = "truncated or corrupted"
         else:
@@ -302,27 +316,28 @@ def parse_config(raw: Any, where: str) -> ParsedConfig:
             return ParsedConfig(ModelConfig.from_dict(raw), "optvq")
         raise ValueError("neither an optvq config nor the authors' config (no 'model', 'arch' or 'encoder')")
     except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"{where}: bad model config: {_one_line(e)}") from None
+        raise UserError(f"{where}: bad model config: {first_line(e)}") from None
 
 
 def _read_config(located: Located, meta: dict[str, str]) -> ParsedConfig:
+    in_header = META_KEY in meta or META_CONFIG in meta
     sibling = located.weights.parent / CONFIG_NAME
-    if located.config_path is None and META_CONFIG not in meta and sibling.is_file():
+    if located.config_path is None and not in_header and sibling.is_file():
         located.config_path = sibling  # a bare weights file named directly, its config beside it
     if located.config_path is not None:
         where = str(located.config_path)
         try:
             raw = json.loads(located.config_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{where}: not valid JSON ({_one_line(e)}); fix or re-export the model") from None
+            raise UserError(f"{where}: not valid JSON ({first_line(e)}); fix or re-export the model") from None
         return parse_config(raw, where)
-    if META_CONFIG in meta:
+    if in_header:
         where = f"{located.weights} (header metadata)"
         try:
-            raw = json.loads(meta[META_CONFIG])
-            extra = json.loads(meta.get(META_METADATA) or "{}")
+            raw = json.loads(meta[META_KEY] if META_KEY in meta else meta[META_CONFIG])
+            extra = json.loads(meta.get(META_METADATA) or "{}")  # earlier versions only
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}: the stored config is not valid JSON ({_one_line(e)})") from None
+            raise UserError(f"{where}: the stored config is not valid JSON ({first_line(e)})") from None
         parsed = parse_config(raw, where)
         parsed.metadata = extra if isinstance(extra, dict) else {}
         return parsed
@@ -409,6 +424,55 @@ def _expected_shapes(cfg: ModelConfig, device: str = "cpu") -> tuple[OptVQModel,
     return skeleton, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
 
 
+def config_witnesses(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """A few tensors whose shapes pin every size the config gives (channels, widths, levels, blocks,
+    codebook): when the file has them with these shapes, the model the config builds is no bigger
+    than the file, so it is safe to build it and compare every tensor."""
+    w = {"quantize.embedding.weight": (cfg.n_codes, cfg.code_dim)}
+    if cfg.use_proj:
+        w["quantize.proj.weight"] = (cfg.code_dim, cfg.code_dim)
+    if cfg.use_connector:
+        w["quant_conv.weight"] = (cfg.e_dim, cfg.hidden_dim, 1, 1)
+    if cfg.arch == "plain_cnn":
+        a, b, c = cfg.cnn_widths
+        w["encoder.in_fc.weight"] = (a, cfg.in_channels, 3, 3)
+        w["encoder.conv1.weight"] = (b, a, 3, 3)
+        w["encoder.conv2.weight"] = (c, b, 3, 3)
+        w["decoder.out_fc.weight"] = (cfg.out_channels, a, 3, 3)
+        return w
+    widths = [cfg.ch * m for m in (1, *cfg.ch_mult)]
+    w["encoder.conv_in.weight"] = (cfg.ch, cfg.in_channels, 3, 3)
+    for i in range(len(cfg.ch_mult)):
+        w[f"encoder.down.{i}.block.0.conv1.weight"] = (widths[i + 1], widths[i], 3, 3)
+        last = cfg.num_res_blocks - 1
+        w[f"encoder.down.{i}.block.{last}.conv2.weight"] = (widths[i + 1], widths[i + 1], 3, 3)
+    w["encoder.conv_out.weight"] = (cfg.z_channels, widths[-1], 3, 3)
+    w["decoder.conv_out.weight"] = (cfg.out_channels, widths[1], 3, 3)
+    return w
+
+
+def check_config_against_header(
+    cfg: ModelConfig, file_shapes: dict[str, tuple[int, ...]], where: str, config_name: str
+) -> None:
+    """Compare the config with the tensors' shapes from the header, before anything is built: a
+    config that asks for a bigger model than the file holds is refused here."""
+    by_name: dict[str, str] = {}
+    for k in file_shapes:
+        by_name.setdefault(normalize_key(k), k)
+    for nk, want in config_witnesses(cfg).items():
+        if nk not in by_name:
+            raise UserError(
+                f"{where}: tensor {nk}, which {config_name} needs, is missing; "
+                f"the file is incomplete or does not belong to that config"
+            )
+        k = by_name[nk]
+        if tuple(file_shapes[k]) != tuple(want):
+            raise UserError(
+                f"{where}: tensor {k} is {_shape(file_shapes[k])} but {config_name} needs "
+                f"{_shape(want)}; the config does not match the tensors"
+            )
+
+
 def _config_name(parsed: ParsedConfig) -> str:
     c = parsed.config
     return f"its config ({c.arch}, n_codes={c.n_codes}, e_dim={c.e_dim}, heads={c.heads})"
@@ -420,21 +484,30 @@ def _materialize(skeleton: OptVQModel, tensors: dict[str, torch.Tensor], device:
     return skeleton.to(device).eval()
 
 
+def _stored_dtype(plan: KeyPlan, dtypes: dict[str, str]) -> str:
+    """fp16 / bf16 when the file stores the encoder, decoder and connectors so, else fp32."""
+    stored = {dtypes[k] for nk, k in plan.sources.items() if not nk.startswith("quantize.")}
+    return {frozenset({"F16"}): "fp16", frozenset({"BF16"}): "bf16"}.get(frozenset(stored), "fp32")
+
+
 @dataclass
 class LoadedState:
     parsed: ParsedConfig
     plan: KeyPlan
     skeleton: OptVQModel  # the model the tensors go into
     tensors: dict[str, torch.Tensor]  # model key -> tensor read from the file (CPU)
+    weights_dtype: str  # fp32, fp16 or bf16: how the file stores encoder and decoder
 
 
 def load_state(located: Located) -> LoadedState:
-    """Validate a located checkpoint and read the tensors the model needs (on the CPU)."""
+    """Validate a located checkpoint and read the tensors the model needs (on the CPU).
+    The config is checked against the header's shapes before the model is built."""
     from safetensors import SafetensorError, safe_open
 
     meta, shapes, dtypes = read_header(located.weights)
     parsed = _read_config(located, meta)
     where = str(located.weights)
+    check_config_against_header(parsed.config, shapes, where, _config_name(parsed))
     skeleton, expected = _expected_shapes(parsed.config)
     plan = plan_keys(shapes, expected, where, _config_name(parsed))
     for k in plan.sources.values():
@@ -446,25 +519,16 @@ def load_state(located: Located) -> LoadedState:
             for nk, k in plan.sources.items():
                 tensors[nk] = f.get_tensor(k)
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{where}: could not read the tensors ({_one_line(e)}); download or export it again") from None
-    return LoadedState(parsed, plan, skeleton, tensors)
+        raise UserError(f"{where}: could not read the tensors ({first_line(e)}); download or export it again") from None
+    return LoadedState(parsed, plan, skeleton, tensors, _stored_dtype(plan, dtypes))
 
 
-def load_model(
-    ref: str | Path,
-    device: str | torch.device = "auto",
-    revision: str | None = None,
-    dtype: str | torch.dtype | None = None,
+def load_located(
+    located: Located, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None
 ) -> OptVQModel:
-    """The model a reference names, in eval mode on ``device`` (``auto``: CUDA when available).
-
-    ``dtype`` (bf16 / fp16) sets the model's autocast dtype for encoder and decoder. Tensors in the
-    file that the model does not use (the authors' loss networks) are reported and skipped;
-    missing ones, wrong shapes or a corrupt file raise UserError.
-    """
+    """``load_model`` for a reference ``locate`` has resolved already."""
     dev = resolve_device(device)
     compute = resolve_dtype(dtype)
-    located = locate(ref, revision)
     state = load_state(located)
     parsed, plan = state.parsed, state.plan
     digest = sha256_file(located.weights)
@@ -477,6 +541,7 @@ def load_model(
     model.compute_dtype = compute
     model.source = located.source
     model.sha256 = digest
+    model.weights_dtype = state.weights_dtype
     model.metadata = dict(parsed.metadata)
     model.metadata.setdefault("checkpoint_format", parsed.kind)
     model.ignored_keys = list(plan.ignored)
@@ -484,16 +549,22 @@ def load_model(
     return model
 
 
-def load_training_tensors(ref: str | Path, revision: str | None = None) -> dict[str, torch.Tensor]:
-    """The training-only tensors a checkpoint carries (``loss.*``: the authors' LPIPS and
-    discriminator), by their normalized names, for a trainer that wants to reuse them."""
-    located = locate(ref, revision)
-    _, shapes, _ = read_header(located.weights)
-    wanted = {k: normalize_key(k) for k in shapes if normalize_key(k).startswith("loss.")}
-    from safetensors import safe_open
+def load_model(
+    ref: str | Path,
+    device: str | torch.device = "auto",
+    revision: str | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> OptVQModel:
+    """The model a reference names, in eval mode on ``device`` (``auto``: CUDA when available).
 
-    with safe_open(str(located.weights), framework="pt", device="cpu") as f:
-        return {nk: f.get_tensor(k) for k, nk in wanted.items()}
+    ``dtype`` (bf16 / fp16) sets the model's autocast dtype for encoder and decoder. Tensors in the
+    file that the model does not use (the authors' loss networks) are reported and skipped;
+    missing ones, wrong shapes or a corrupt file raise UserError. ``model.sha256`` is the
+    identity (the weights file's sha256, see the module doc).
+    """
+    resolve_device(device)  # a bad --device fails before any download
+    resolve_dtype(dtype)
+    return load_located(locate(ref, revision), device, dtype)
 
 
 # -- the authors' training checkpoints -----------------------------------------------------------
@@ -552,10 +623,12 @@ def infer_config(shapes: dict[str, tuple[int, ...]], **quantizer: Any) -> ModelC
 
 def _state_dict_from_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        # A file object, not the path: torch.load picks safetensors for a name ending .safetensors.
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary objects; a corrupt zip raises RuntimeError
         raise UserError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({_one_line(e)}); it is refused"
+            f"{path}: cannot be read as a weights-only torch checkpoint ({first_line(e)}); it is refused"
         ) from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -569,12 +642,13 @@ def _state_dict_from_pickle(path: Path) -> dict[str, torch.Tensor]:
 def convert_upstream(path: str | Path, **quantizer: Any) -> OptVQModel:
     """An OptVQModel (CPU, eval) from the authors' training checkpoint (``checkpoint.pth`` holding
     ``{"model": state_dict}``, names without ``model.``, maybe ``_orig_mod.``), or from a bare
-    state-dict ``.safetensors`` without config. The config is inferred from the tensor shapes."""
+    state-dict safetensors file without config; which of the two is told by the content, not the
+    name. The config is inferred from the tensor shapes."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"--from-upstream {path}: no such file (give the authors' checkpoint.pth)")
-    if path.suffix == ".safetensors":
-        _, _, _ = read_header(path)
+    if sniff(path) == "safetensors":  # by content: a torch.save file named .safetensors is a pickle
+        read_header(path)
         from safetensors.torch import load_file
 
         raw = load_file(str(path))
@@ -584,7 +658,7 @@ def convert_upstream(path: str | Path, **quantizer: Any) -> OptVQModel:
     try:
         cfg = infer_config(shapes, **quantizer)
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: cannot tell the architecture from its tensors ({_one_line(e)})") from None
+        raise UserError(f"{path}: cannot tell the architecture from its tensors ({first_line(e)})") from None
     skeleton, expected = _expected_shapes(cfg)
     file_shapes = {k: tuple(v.shape) for k, v in raw.items()}
     plan = plan_keys(file_shapes, expected, str(path), f"the inferred {cfg.arch} config")

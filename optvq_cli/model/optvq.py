@@ -9,8 +9,9 @@ checkpoints the same under ``model.``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -19,17 +20,47 @@ from ..device import autocast, resolve_device
 from ..errors import UserError
 from .plain_cnn import DOWNSAMPLE as PLAIN_DOWNSAMPLE
 from .plain_cnn import PlainCNNDecoder, PlainCNNEncoder
-from .quantizer import Assign, OptVQuantizer
+from .quantizer import Assign, Commitment, LossType, OptVQuantizer
 from .vqgan import GROUPS, Decoder, Encoder
 
 Arch = Literal["plain_cnn", "vqgan"]
 ARCHS = ("plain_cnn", "vqgan")
+LOSS_TYPES = get_args(LossType)
+COMMITMENTS = get_args(Commitment)
+ASSIGNS = get_args(Assign)
 _TUPLE_FIELDS = ("ch_mult", "attn_resolutions", "cnn_widths")
+_FLOAT_FIELDS = ("dropout", "beta", "epsilon")
+_INT_FIELDS = ("in_channels", "out_channels", "resolution", "ch", "num_res_blocks", "z_channels")
+_INT_FIELDS += ("n_codes", "e_dim", "heads", "n_iters")
+# Fields that only one architecture reads; config.json stores only the ones that apply.
+ARCH_FIELDS = {
+    "vqgan": ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "dropout"),
+    "plain_cnn": ("cnn_widths",),
+}
+
+
+def _int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _ints(name: str, value: Any) -> tuple[int, ...]:
+    """A list of integers from JSON (or a tuple); anything else (a string, 2.5) is refused."""
+    if not isinstance(value, list | tuple) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ValueError(f"{name}={value!r} must be a list of integers")
+    return tuple(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    return float(value)  # 10 and 10.0 are one value, written one way
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model; ``config.json`` stores exactly these fields."""
+    """Everything needed to rebuild a model; ``config.json`` stores these fields (those of the
+    other architecture left out). Construction validates every field (ValueError)."""
 
     arch: Arch = "vqgan"
     in_channels: int = 3
@@ -59,29 +90,60 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:
-            setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+            setattr(self, name, _ints(name, getattr(self, name)))
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, _number(name, getattr(self, name)))
         if self.out_channels is None:
             self.out_channels = self.in_channels
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent field."""
+        """Raise ValueError naming the first bad or inconsistent field."""
         if self.arch not in ARCHS:
             raise ValueError(f"arch {self.arch!r} is not one of {', '.join(ARCHS)}")
-        if self.heads < 1 or self.e_dim % self.heads:
+        for name in _INT_FIELDS:
+            _int(name, getattr(self, name))
+        for name in _TUPLE_FIELDS:
+            for v in getattr(self, name):
+                _int(f"{name} value", v)
+        if self.e_dim % self.heads:
             raise ValueError(f"e_dim={self.e_dim} is not divisible by heads={self.heads}")
-        if self.n_codes < 1:
-            raise ValueError(f"n_codes={self.n_codes} must be positive")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon={self.epsilon} must be > 0 (the entropic regularization of Sinkhorn)")
+        if self.beta < 0:
+            raise ValueError(f"beta={self.beta} must be >= 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        for name, allowed in (("loss_type", LOSS_TYPES), ("commitment", COMMITMENTS), ("assign", ASSIGNS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("use_connector", "use_proj"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.arch == "vqgan":
-            if not self.ch_mult:
-                raise ValueError("ch_mult is empty")
-            widths = [self.ch * m for m in self.ch_mult]
-            if any(w % GROUPS for w in widths):
-                raise ValueError(f"VQGAN widths {widths} must be multiples of {GROUPS} (GroupNorm groups)")
+            self._validate_vqgan()
         elif len(self.cnn_widths) != 3:
             raise ValueError(f"cnn_widths needs 3 values, got {list(self.cnn_widths)}")
+        if self.resolution % self.downsample:
+            raise ValueError(
+                f"resolution={self.resolution} is not a multiple of the downsampling factor {self.downsample}"
+            )
         if not self.use_connector and self.hidden_dim != self.e_dim:
             raise ValueError(f"use_connector=false needs hidden width {self.hidden_dim} == e_dim {self.e_dim}")
+
+    def _validate_vqgan(self) -> None:
+        if not self.ch_mult:
+            raise ValueError("ch_mult is empty")
+        widths = [self.ch * m for m in self.ch_mult]
+        if any(w % GROUPS for w in widths):
+            raise ValueError(f"VQGAN widths {widths} must be multiples of {GROUPS} (GroupNorm groups)")
+        levels = [self.resolution >> i for i in range(len(self.ch_mult))]
+        stray = [r for r in self.attn_resolutions if r not in levels]
+        if stray:
+            raise ValueError(
+                f"attn_resolutions {list(self.attn_resolutions)}: {stray} is no level size of resolution "
+                f"{self.resolution} (levels {levels}); attention would be silently left out"
+            )
 
     @property
     def downsample(self) -> int:
@@ -98,14 +160,18 @@ class ModelConfig:
         return self.cnn_widths[2] if self.arch == "plain_cnn" else self.z_channels
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """The fields as JSON values, without those only the other architecture reads."""
+        other = ARCH_FIELDS["plain_cnn" if self.arch == "vqgan" else "vqgan"]
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in other}
         for name in _TUPLE_FIELDS:
-            d[name] = list(d[name])
+            if name in d:
+                d[name] = list(d[name])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Inverse of ``to_dict``; unknown or ill-typed fields raise ValueError."""
+        """Inverse of ``to_dict`` (also takes the other architecture's fields, as older files have
+        them); unknown or ill-typed fields raise ValueError."""
         if not isinstance(d, dict):
             raise ValueError("the model config is not a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -198,7 +264,8 @@ class OptVQModel(nn.Module):
         self.compute_dtype: torch.dtype | None = None
         # Provenance, filled by the loader.
         self.source: str | None = None
-        self.sha256: str | None = None
+        self.sha256: str | None = None  # of the weights file: the model's identity (see checkpoint.py)
+        self.weights_dtype = "fp32"  # how the file stored encoder/decoder: a re-export keeps it
         self.metadata: dict[str, Any] = {}
         self.ignored_keys: list[str] = []  # tensors in the file the model does not use
 
@@ -215,11 +282,6 @@ class OptVQModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def token_grid(self, height: int, width: int) -> tuple[int, int, int]:
-        """(heads, h, w) of the indices for an image of height x width pixels."""
-        f = self.downsample
-        return self.config.heads, height // f, width // f
-
     def param_counts(self) -> dict[str, int]:
         parts = {
             "encoder": self.encoder,
@@ -233,13 +295,17 @@ class OptVQModel(nn.Module):
         return counts
 
     # -- checks ------------------------------------------------------------------------------
+    def check_size(self, height: int, width: int, what: str = "image size") -> None:
+        """The one check of an image size the model takes as is: positive multiples of f."""
+        f = self.downsample
+        if height % f or width % f or height < f or width < f:
+            raise UserError(f"{what} {height}x{width}: must be a multiple of the model's downsampling factor {f}")
+
     def check_images(self, images: torch.Tensor) -> None:
-        c, f = self.config.in_channels, self.downsample
+        c = self.config.in_channels
         if images.dim() != 4 or images.shape[1] != c:
             raise UserError(f"the model takes (B, {c}, H, W) images, got shape {tuple(images.shape)}")
-        h, w = images.shape[-2:]
-        if h % f or w % f or h < f or w < f:
-            raise UserError(f"image size {h}x{w} is not a multiple of the model's downsampling factor {f}")
+        self.check_size(int(images.shape[-2]), int(images.shape[-1]))
 
     def check_indices(self, indices: torch.Tensor) -> None:
         heads, n = self.config.heads, self.config.n_codes
