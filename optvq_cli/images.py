@@ -40,22 +40,42 @@ def image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
-def _walk(root: Path, exclude: list[Path], exts: set[str]) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk(root: Path, exclude: list[Path], exts: set[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(images under root, (folder, reason) for every folder that could not be listed)."""
+    found: list[Path] = []
+    unreadable: list[tuple[str, str]] = []
+
+    def onerror(e: OSError) -> None:
+        unreadable.append((str(e.filename), f"cannot read this folder ({_os_reason(e)}); its images were skipped"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
         here = Path(dirpath)
         # Sorted, hidden folders and the run's own output folder skipped: a stable, reproducible order.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in exclude)
         for f in sorted(filenames):
             if not f.startswith(".") and Path(f).suffix.lower() in exts:
                 found.append(here / f)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())  # "a/b" before "ab": like ls -R
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix()), unreadable  # "a/b" before "ab": like ls -R
+
+
+def _os_reason(e: OSError) -> str:
+    return "permission denied" if isinstance(e, PermissionError) else (e.strerror or type(e).__name__).lower()
+
+
+def _has_image(root: Path, exclude: list[Path], exts: set[str]) -> bool:
+    """Whether the walk of ``_walk`` would find at least one image; stops at the first."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in exclude]
+        if any(not f.startswith(".") and Path(f).suffix.lower() in exts for f in filenames):
+            return True
+    return False
 
 
 def _read_list(list_file: Path) -> list[Path]:
     """A .txt of paths, one a line; relative paths are relative to the list's folder; # comments."""
     try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
+        lines = list_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM from Windows editors
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{list_file}: cannot read the list of images ({e})") from None
     paths = []
@@ -71,33 +91,51 @@ def _name(path: Path, root: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
 
 
+_NO_IMAGES = "no images found (looked for .jpg, .png, .webp, .bmp, .tif, .gif and the like)"
+
+
+def check_input(input: Path, exclude: Iterable[Path] = ()) -> None:
+    """The cheap part of ``find_inputs``, for before a slow model load: INPUT exists and names at
+    least one image. Raises UserError."""
+    input = Path(input)
+    if not input.exists():
+        raise UserError(f"{input}: no such file or folder; give an image, a folder of images or a .txt list")
+    if input.is_dir():
+        if not os.access(input, os.R_OK | os.X_OK):
+            raise UserError(f"{input}: cannot read this folder (permission denied)")
+        if not _has_image(input, [Path(p).resolve() for p in exclude], image_extensions()):
+            raise UserError(f"{input}: {_NO_IMAGES}")
+    elif input.suffix.lower() == ".txt" and not _read_list(input):
+        raise UserError(f"{input}: the list names no images; put one image path per line")
+
+
 def find_inputs(input: Path, exclude: Iterable[Path] = ()) -> tuple[Path, list[ImageItem], list[tuple[str, str]]]:
     """The images named by INPUT: a file, a folder (recursive) or a .txt list of paths.
 
     Returns (root the names are relative to, items in a stable order, problems) where problems
-    are (path, reason) for listed files that are missing or would overwrite another's output.
+    are (path, reason) for listed files that are missing, unreadable folders, and files that
+    would overwrite another's output.
     """
     input = Path(input)
-    if not input.exists():
-        raise UserError(f"{input}: no such file or folder; give an image, a folder of images or a .txt list")
+    check_input(input)
     problems: list[tuple[str, str]] = []
     if input.is_dir():
         root = input
-        exts = image_extensions()
-        paths = _walk(input, [Path(p).resolve() for p in exclude], exts)
+        paths, problems = _walk(input, [Path(p).resolve() for p in exclude], image_extensions())
         if not paths:
-            raise UserError(f"{input}: no images found (looked for .jpg, .png, .webp, .bmp, .tif, .gif and the like)")
+            raise UserError(f"{input}: {_NO_IMAGES}")
     elif input.suffix.lower() == ".txt":
-        listed = _read_list(input)
-        if not listed:
-            raise UserError(f"{input}: the list names no images; put one image path per line")
         paths = []
-        for p in listed:
-            if p.is_file():
-                paths.append(p)
-            else:
+        seen: set[Path] = set()
+        for p in _read_list(input):
+            if not p.is_file():
                 what = "a folder, not an image" if p.is_dir() else "no such file"
                 problems.append((str(p), f"{what} (listed in {input})"))
+            elif p.resolve() in seen:
+                problems.append((str(p), f"listed twice in {input}; encoded once"))
+            else:
+                seen.add(p.resolve())
+                paths.append(p)
         abs_parents = [str(p.resolve().parent) for p in paths]
         root = Path(os.path.commonpath(abs_parents)) if abs_parents else input.parent
         paths = [p.resolve() for p in paths]
@@ -169,6 +207,8 @@ def read_image(path: Path, channels: int) -> Image.Image:
         raise
     except FileNotFoundError:
         raise ImageError("no such file") from None
+    except PermissionError:
+        raise ImageError("cannot read (permission denied)") from None
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read") from None
     except Image.DecompressionBombError as e:
@@ -185,6 +225,10 @@ def read_size(path: Path) -> tuple[int, int]:
             if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
                 w, h = h, w
             return w, h
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except PermissionError:
+        raise ImageError("cannot read (permission denied)") from None
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -222,10 +266,11 @@ class Preprocess:
     multiple: int = 1
 
     def place(self, width: int, height: int) -> Placement:
-        """The crop box, resize and padding for an image of this size. Raises ImageError if it is
-        smaller than one token."""
+        """The crop box, resize and padding for an image of this size. Raises ImageError if what
+        the model would see is smaller than one token: the crop square (upscaling a few pixels
+        makes no picture), or without cropping the image after resizing."""
         f = self.multiple
-        if min(width, height) < f:
+        if self.crop and min(width, height) < f:
             raise ImageError(f"image is {width}x{height} px, smaller than one token ({f}x{f} px)")
         if self.crop:
             s = min(width, height)
@@ -238,6 +283,11 @@ class Preprocess:
                 resized = (self.size, max(1, round(height * self.size / width)))
             else:
                 resized = (max(1, round(width * self.size / height)), self.size)
+        if min(resized) < f:
+            raise ImageError(
+                f"image is {width}x{height} px, resized to {resized[0]}x{resized[1]} px: smaller than one token "
+                f"({f}x{f} px); use a larger --size"
+            )
         pad_r = -resized[0] % f
         pad_b = -resized[1] % f
         return Placement((width, height), box, resized, (0, 0, pad_r, pad_b))

@@ -1,31 +1,38 @@
-"""The token file format, and atomic writes.
+"""The token file format and the manifests that describe an OUTPUT folder.
 
 A token grid is one ``.npy`` file shaped (heads, h, w) in the smallest unsigned dtype that holds
 n_codes - 1. A folder of them carries ``manifest.json`` (model identity, preprocessing, assignment,
 layout, one row per image). ``--pack`` writes ``tokens.npy`` (N, heads, h, w) and ``paths.txt``
 (the N output names in order) instead. Files are read with ``allow_pickle=False``: never unpickled.
+
+``reconstruct`` keeps a smaller manifest of its own (format ``optvq-reconstruct``) so a rerun can
+tell whether the PNGs already there came from the same model and settings. A manifest lists every
+output file optvq wrote in its folder: ``--overwrite`` removes those (and only those) it no longer needs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-from collections.abc import Callable
-from pathlib import Path
-from typing import IO, Any
+import re
+from pathlib import Path, PureWindowsPath
+from typing import Any
 
 import numpy as np
 
 from .errors import UserError
+from .fileio import TMP_MARK, atomic_write, atomic_write_text
 
 FORMAT = "optvq-tokens"
+RECONSTRUCT_FORMAT = "optvq-reconstruct"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PACKED = "tokens.npy"
 PATHS = "paths.txt"
+LAYOUTS = ("files", "packed")
+ASSIGN_MODES = ("nearest", "sinkhorn")
 _NPY_MAGIC = b"\x93NUMPY"
-TMP_MARK = ".optvq-tmp-"  # in the name of every temporary file; a rerun removes leftovers
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class TokenError(Exception):
@@ -40,26 +47,12 @@ def uint_dtype(n_codes: int) -> np.dtype:
     raise ValueError(f"n_codes={n_codes} does not fit in 64 bits")
 
 
-# ---------------------------------------------------------------- atomic writes
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Writes through ``write(file)`` to a temporary name in the same folder, then renames: readers
-    (and a rerun after a kill) see either no file or the whole file, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+# ---------------------------------------------------------------- writing
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    # The temporary name keeps the .npy suffix, so np.save writes to it as given.
+    atomic_write(path, lambda tmp: np.save(tmp, array, allow_pickle=False))
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -69,22 +62,47 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     text = json.dumps(head, indent=2)[:-2]  # drop the closing "\n}"
     rows = ",\n".join("    " + json.dumps(r) for r in manifest.get("images", []))
     text += ',\n  "images": [\n' + rows + ("\n  ]\n}\n" if rows else "  ]\n}\n")
-    atomic_write(Path(folder) / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_text(Path(folder) / MANIFEST, text)
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
-    text = "".join(line + "\n" for line in lines)
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _temp_owner(name: str) -> int | None:
+    """The pid in a temporary file's name (``.<target><TMP_MARK><pid>-<hex><suffix>``), or None."""
+    m = re.match(r"(\d+)-", name.split(TMP_MARK, 1)[1])
+    return int(m.group(1)) if m else None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def remove_temp_files(root: Path) -> int:
-    """Deletes temporary files an interrupted run left under ``root``; returns how many."""
+    """Deletes temporary files that an interrupted run left under ``root``; returns how many.
+
+    A temporary file whose writer is still running (another optvq on the same OUTPUT) is left
+    alone: its name carries the writer's pid."""
     n = 0
     if not Path(root).is_dir():
         return 0
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             if name.startswith(".") and TMP_MARK in name:
+                pid = _temp_owner(name)
+                if pid is not None and _alive(pid):
+                    continue
                 Path(dirpath, name).unlink(missing_ok=True)
                 n += 1
     return n
@@ -106,6 +124,8 @@ def load_npy(path: Path) -> np.ndarray:
         raise
     except FileNotFoundError:
         raise TokenError("no such file") from None
+    except PermissionError:
+        raise TokenError("cannot read (permission denied)") from None
     except ValueError as e:
         if "allow_pickle" in str(e):  # an object array: loading it would unpickle
             raise TokenError("holds pickled Python objects, not integer tokens; refused") from None
@@ -144,11 +164,126 @@ def check_tokens(array: np.ndarray, heads: int, n_codes: int, packed: bool | Non
     return check_layout(array, heads, packed) or check_range(array, n_codes)
 
 
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be an output name, or None. An output name comes from files a user may
+    have edited (manifest.json, paths.txt) and is joined to OUTPUT: it must stay inside it."""
+    if not isinstance(name, str) or not name:
+        return "is not a non-empty string"
+    if "\x00" in name:
+        return "contains a NUL character"
+    win = PureWindowsPath(name)
+    if name.startswith(("/", "\\")) or win.drive or win.root:
+        return "is an absolute path"
+    parts = re.split(r"[\\/]", name)
+    if ".." in parts:
+        return "has a '..' part, which would lead out of OUTPUT"
+    if any(part in ("", ".") for part in parts):
+        return "has an empty or '.' part"
+    return None
+
+
 # ---------------------------------------------------------------- manifest
 
 
-def read_manifest(folder: Path) -> dict | None:
-    """``folder/manifest.json`` or None when there is none; a broken one is the user's to fix."""
+class _Bad(Exception):
+    """A manifest field that is not what optvq writes: edited or damaged."""
+
+    def __init__(self, field: str, why: str):
+        super().__init__(f"{field} {why}")
+
+
+class _Newer(Exception):
+    """A manifest from a later optvq: not damaged, only not understood."""
+
+
+def _ints(value: Any, n: int, lo: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == n
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= lo for v in value)
+    )
+
+
+def _int(value: Any, lo: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, dict):
+        raise _Bad("model", f"must be an object, got {json.dumps(model)}")
+    if not isinstance(model.get("sha256"), str) or not _SHA256.fullmatch(model["sha256"]):
+        raise _Bad("model.sha256", f"must be 64 hex digits, got {json.dumps(model.get('sha256'))}")
+    for key in ("ref", "revision", "source"):
+        if model.get(key) is not None and not isinstance(model[key], str):
+            raise _Bad(f"model.{key}", f"must be a string, got {json.dumps(model[key])}")
+    for key in ("n_codes", "heads", "downsample", "resolution", "in_channels"):
+        if key in model and not _int(model[key], 1):
+            raise _Bad(f"model.{key}", f"must be a positive integer, got {json.dumps(model[key])}")
+
+
+def _check_header(data: dict) -> None:
+    version = data.get("version", FORMAT_VERSION)
+    if not _int(version, 1):
+        raise _Bad("version", f"must be a positive integer, got {json.dumps(version)}")
+    if version > FORMAT_VERSION:
+        raise _Newer(f"version {version} is newer than this optvq reads ({FORMAT_VERSION}); upgrade optvq")
+    _check_model(data.get("model"))
+    checks = {
+        "preprocess": (lambda v: isinstance(v, dict), "must be an object"),
+        "assign": (lambda v: v in ASSIGN_MODES, f"must be one of {', '.join(ASSIGN_MODES)}"),
+        "layout": (lambda v: v in LAYOUTS, f"must be one of {', '.join(LAYOUTS)}"),
+        "dtype": (lambda v: isinstance(v, str), "must be a string"),
+        "input": (lambda v: isinstance(v, str), "must be a string"),
+        "complete": (lambda v: isinstance(v, bool), "must be true or false"),
+        "side_by_side": (lambda v: isinstance(v, bool), "must be true or false"),
+        "batch_dependent": (lambda v: isinstance(v, bool), "must be true or false"),
+        "batch_size": (lambda v: _int(v, 1), "must be a positive integer"),
+        "failed": (lambda v: _int(v, 0), "must be a count (0 or more)"),
+    }
+    for key, (ok, why) in checks.items():
+        if key in data and not ok(data[key]):
+            raise _Bad(key, f"{why}, got {json.dumps(data[key])}")
+
+
+_PLACEMENT = {"original_size": (2, 1), "crop_box": (4, 0), "resized": (2, 1), "padding": (4, 0), "grid": (2, 1)}
+
+
+def _check_row(row: Any, where: str, f: int | None) -> None:
+    if not isinstance(row, dict):
+        raise _Bad(where, f"must be an object with a name, got {json.dumps(row)}")
+    if not isinstance(row.get("name"), str) or not row["name"]:
+        raise _Bad(f"{where}.name", f"must be a non-empty string, got {json.dumps(row.get('name'))}")
+    if "source" in row and not isinstance(row["source"], str):
+        raise _Bad(f"{where}.source", f"must be a string, got {json.dumps(row['source'])}")
+    for key, (n, lo) in _PLACEMENT.items():
+        if key in row and not _ints(row[key], n, lo):
+            what = "non-negative" if lo == 0 else "positive"
+            raise _Bad(f"{where}.{key}", f"must be {n} {what} integers, got {json.dumps(row[key])}")
+    if f and all(k in row for k in ("resized", "padding", "grid")):
+        (w, h), (pl, pt, pr, pb), (gh, gw) = row["resized"], row["padding"], row["grid"]
+        if (w + pl + pr, h + pt + pb) != (gw * f, gh * f):
+            raise _Bad(
+                f"{where}.padding",
+                f"{row['padding']} does not fit resized {row['resized']} and grid {row['grid']} (f = {f})",
+            )
+
+
+def _check_rows(data: dict) -> None:
+    rows = data.get("images", [])
+    if not isinstance(rows, list):
+        raise _Bad("images", f"must be a list of rows, got {json.dumps(rows)[:60]}")
+    f = data["model"].get("downsample")
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        _check_row(row, f"images[{i}]", f)
+        if row["name"] in seen:
+            raise _Bad(f"images[{i}].name", f"{json.dumps(row['name'])} is listed twice")
+        seen.add(row["name"])
+
+
+def read_manifest(folder: Path, fmt: str = FORMAT) -> dict | None:
+    """``folder/manifest.json`` checked field by field, or None when there is none. A broken or
+    edited one is the user's to fix: UserError naming the file and the bad field."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
@@ -156,8 +291,16 @@ def read_manifest(folder: Path) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a readable manifest ({e}); delete it or use another folder") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise UserError(f"{path}: not an optvq token manifest; use another folder")
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        what = "optvq token" if fmt == FORMAT else "optvq reconstruct"
+        raise UserError(f"{path}: not an {what} manifest; use another folder")
+    try:
+        _check_header(data)
+        _check_rows(data)
+    except _Bad as e:
+        raise UserError(f"{path}: {e}; restore the file or write to a new folder") from None
+    except _Newer as e:
+        raise UserError(f"{path}: {e}") from None
     return data
 
 

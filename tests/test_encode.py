@@ -259,6 +259,7 @@ def test_encode_then_decode_equals_reconstruct_and_psnr_is_right(photos, tiny_mo
     )
     assert code == 0, stderr
     dec, rec = tree(tmp_path / "dec"), tree(tmp_path / "rec")
+    assert json.loads(rec.pop("manifest.json"))["format"] == "optvq-reconstruct"
     assert sorted(dec) == sorted(rec) == [n + ".png" for n in names(photos)]
     values = []
     for name in dec:
@@ -269,7 +270,7 @@ def test_encode_then_decode_equals_reconstruct_and_psnr_is_right(photos, tiny_mo
         assert a.shape == (32, 32, 3) and (a == b).all()
         src = next(rel for _, rel in PHOTOS if Path(rel).with_suffix(".png").as_posix() == name)
         values.append(psnr_by_hand(preprocess_by_hand(photos / src), b))
-    assert f"mean PSNR {np.mean(values):.2f} dB over 12 images" in stdout
+    assert f"mean PSNR (RGB) {np.mean(values):.2f} dB over 12 images" in stdout
 
 
 def test_side_by_side(photos, tiny_model_dir, tmp_path):
@@ -495,3 +496,260 @@ def test_default_model_name_is_one_constant():
     from optvq_cli.cli import encode as cli_encode
 
     assert cli_encode.DEFAULT_MODEL == codec.DEFAULT_MODEL == "default"
+
+
+# ---------------------------------------------------------------- QA findings (issue 4): OUTPUT safety
+
+
+def refused(result: tuple[int, str, str], *needles: str) -> str:
+    """The run was refused: exit 1, one 'error:' line on stderr holding every needle, no traceback."""
+    code, _, stderr = result
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code == 1, stderr
+    assert "Traceback" not in stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def reconstruct(src, out, model_dir, *extra) -> tuple[int, str, str]:
+    return cli("reconstruct", src, out, "--model", model_dir, "--device", "cpu", "--workers", "0", *extra)
+
+
+def test_reconstruct_never_writes_among_its_inputs(photos, tiny_model_dir, tmp_path):
+    same = tmp_path / "same"
+    shutil.copytree(photos, same)
+    before = tree(same)
+    refused(reconstruct(same, same, tiny_model_dir, "--overwrite"), str(same), "choose an OUTPUT folder outside")
+    # OUTPUT an ancestor of INPUT: <name>.png lands next to other photos
+    refused(reconstruct(same / "gray", same, tiny_model_dir, "--overwrite"), "outside INPUT")
+    # one image whose folder is OUTPUT: OUTPUT/astronaut.png is the input itself
+    refused(reconstruct(same / "astronaut.png", same, tiny_model_dir, "--overwrite"), "outside INPUT")
+    # a list naming images that sit in OUTPUT
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{same / 'chelsea.png'}\n{photos / 'coffee.png'}\n")
+    refused(reconstruct(lst, same, tiny_model_dir, "--overwrite"), "outside INPUT")
+    # a symlink inside OUTPUT that leads back to the inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gray").symlink_to(same / "gray", target_is_directory=True)
+    refused(reconstruct(same, out, tiny_model_dir, "--overwrite"), "is an input image")
+    assert tree(same) == before
+
+
+def test_decode_refuses_output_names_that_leave_output(tiny_model_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    np.save(src / "tokens.npy", np.zeros((4, 2, 8, 8), np.uint8))
+    (src / "paths.txt").write_text(f"../escaped\n{tmp_path / 'absolute'}\nok\nsub/../../up\n")
+    out = tmp_path / "work" / "out"
+    code, stdout, stderr = cli("decode", src / "tokens.npy", out, "--model", tiny_model_dir, "--device", "cpu")
+    assert code == 1 and "decoded 1 of 4, 3 failed" in stdout and "Traceback" not in stderr
+    assert "'../escaped' (from paths.txt) has a '..' part" in stderr
+    assert f"'{tmp_path / 'absolute'}' (from paths.txt) is an absolute path" in stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == ["work/out/ok.png"]
+
+
+def test_decode_refuses_manifest_names_that_leave_output(photos, tiny_model_dir, tmp_path):
+    tok = tmp_path / "tok"
+    assert encode(photos, tok, tiny_model_dir)[0] == 0
+    manifest = json.loads((tok / "manifest.json").read_text())
+    manifest["images"][0]["name"] = "../../astronaut"
+    (tok / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "a" / "b"
+    code, stdout, stderr = cli("decode", tok, out, "--device", "cpu")
+    assert code == 1 and "decoded 11 of 12, 1 failed" in stdout and "Traceback" not in stderr
+    assert "images[0].name '../../astronaut' has a '..' part" in stderr
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "astronaut.png").exists()
+
+
+def test_reconstruct_rerun_with_another_model_or_settings_is_refused(photos, tiny_model_dir, other_model_dir, tmp_path):
+    gray = photos / "gray"
+    out = tmp_path / "rec"
+    assert reconstruct(gray, out, tiny_model_dir)[0] == 0
+    before = tree(out)
+    manifest = json.loads(before["manifest.json"])
+    weights_sha = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert manifest["model"]["sha256"] == weights_sha and manifest["side_by_side"] is False
+    assert sorted(r["name"] for r in manifest["images"]) == ["camera", "coins", "page", "rgba/logo"]
+
+    refused(reconstruct(gray, out, other_model_dir), "belong to another model", "--overwrite")
+    refused(reconstruct(gray, out, tiny_model_dir, "--size", "64"), "different preprocess (size 32 vs 64)")
+    refused(reconstruct(gray, out, tiny_model_dir, "--side-by-side"), "different side_by_side (false vs true)")
+    assert tree(out) == before
+    code, stdout, _ = reconstruct(gray, out, tiny_model_dir)
+    assert code == 0 and "reconstructed 0 of 4, 4 already done" in stdout
+
+    code, _, stderr = reconstruct(gray, out, other_model_dir, "--side-by-side", "--overwrite")
+    assert code == 0, stderr
+    assert reconstruct(gray, tmp_path / "fresh", other_model_dir, "--side-by-side")[0] == 0
+    assert tree(out) == tree(tmp_path / "fresh")
+
+
+def test_reconstruct_does_not_take_over_files_it_did_not_write(photos, tiny_model_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "camera.png").write_bytes(b"my own picture")
+    refused(reconstruct(photos / "gray", out, tiny_model_dir), f"{out / 'camera.png'}: exists", "no manifest.json")
+    assert tree(out) == {"camera.png": b"my own picture"}
+
+
+def test_encode_overwrite_leaves_the_folder_as_a_fresh_run_would(photos, tiny_model_dir, other_model_dir, tmp_path):
+    for layout in ([], ["--pack"]):
+        assert encode(photos, tmp_path / f"fresh{layout}", tiny_model_dir, *layout)[0] == 0
+    assert encode(photos, tmp_path / "fresh-other", other_model_dir)[0] == 0
+    out = tmp_path / "tok"
+    assert encode(photos, out, tiny_model_dir)[0] == 0
+
+    assert encode(photos, out, tiny_model_dir, "--pack", "--overwrite")[0] == 0  # files -> packed
+    assert tree(out) == tree(tmp_path / "fresh['--pack']")  # no stale .npy, no empty gray/ folder
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "paths.txt", "tokens.npy"]
+    assert encode(photos, out, tiny_model_dir, "--overwrite")[0] == 0  # packed -> files
+    assert tree(out) == tree(tmp_path / "fresh[]")
+    assert encode(photos, out, other_model_dir, "--overwrite")[0] == 0  # another model
+    assert tree(out) == tree(tmp_path / "fresh-other")
+
+    # a rerun on fewer images keeps listing the earlier outputs; a file nobody listed is left alone
+    np.save(out / "stranger.npy", np.zeros((2, 8, 8), np.uint8))
+    assert encode(photos / "gray", out, other_model_dir)[0] == 0
+    rows = {r["name"]: r for r in json.loads((out / "manifest.json").read_text())["images"]}
+    assert sorted(rows) == sorted(names(photos) + ["camera", "coins", "page", "rgba/logo"])
+    assert rows["camera"]["source"] == "camera.png"  # relative to this run's INPUT, photos/gray
+    assert rows["astronaut"]["source"] == str(photos.resolve() / "astronaut.png")  # an earlier INPUT's
+    assert (out / "stranger.npy").exists()
+
+
+def test_decode_with_a_manifest_decodes_only_the_files_it_lists(photos, tiny_model_dir, tmp_path):
+    out = tmp_path / "tok"
+    assert encode(photos, out, tiny_model_dir)[0] == 0
+    np.save(out / "stale.npy", np.zeros((2, 8, 8), np.uint8))  # e.g. left by a hand copy
+    code, stdout, stderr = cli("decode", out, tmp_path / "dec", "--device", "cpu")
+    assert code == 0 and "decoded 12 of 12" in stdout, stderr
+    assert not (tmp_path / "dec" / "stale.png").exists()
+    (out / "chelsea.npy").unlink()
+    code, stdout, stderr = cli("decode", out, tmp_path / "dec2", "--device", "cpu")
+    assert code == 1 and "decoded 11 of 12, 1 failed" in stdout
+    assert f"{out / 'chelsea.npy'}: no such file (listed in manifest.json)" in stderr
+
+
+def test_markup_in_user_paths_is_printed_as_is(photos, tiny_model_dir, tmp_path):
+    src = tmp_path / "brk"
+    shutil.copytree(photos / "gray", src)
+    bad = src / "[bold]trip" / "[red]bad.jpg"
+    bad.parent.mkdir()
+    bad.write_text("not a photo")
+    code, stdout, stderr = encode(src, tmp_path / "out", tiny_model_dir)
+    assert code == 1 and "encoded 4 of 5, 1 failed" in stdout
+    assert f"skipped {bad}: not an image Pillow can read" in stderr
+    # through the real entry point: a missing INPUT whose name looks like a closing tag
+    res = subprocess.run(
+        [sys.executable, "-m", "optvq_cli", "encode", "nope[/x]", str(tmp_path / "t")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    refused((res.returncode, res.stdout, res.stderr), "nope[/x]: no such file or folder")
+
+
+MANIFEST_EDITS = [
+    (lambda m: m["images"][0].__setitem__("padding", [0, 0, 0, 1000]), "images[0].padding [0, 0, 0, 1000]"),
+    (lambda m: m["images"][0].__setitem__("padding", "abc"), "images[0].padding must be 4 non-negative integers"),
+    (lambda m: m.__setitem__("images", [1]), "images[0] must be an object"),
+    (lambda m: m.__setitem__("model", "x"), 'model must be an object, got "x"'),
+    (lambda m: m["images"][1].__setitem__("name", None), "images[1].name must be a non-empty string"),
+]
+
+
+@pytest.mark.parametrize("edit, field", MANIFEST_EDITS, ids=["padding-big", "padding-str", "row-int", "model", "name"])
+def test_an_edited_manifest_is_refused_naming_the_field(photos, tiny_model_dir, tmp_path, edit, field):
+    out = tmp_path / "tok"
+    assert encode(photos / "gray", out, tiny_model_dir)[0] == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = tree(out)
+    where = str(out / "manifest.json")
+    refused(cli("decode", out, tmp_path / "dec", "--model", tiny_model_dir, "--device", "cpu"), where, field)
+    refused(encode(photos / "gray", out, tiny_model_dir), where, field)
+    refused(encode(photos / "gray", out, tiny_model_dir, "--overwrite"), where, field)
+    assert tree(out) == before and not (tmp_path / "dec").exists()
+
+
+# ---------------------------------------------------------------- QA findings (issue 4): smaller ones
+
+
+def test_pack_with_no_crop_is_refused_before_any_work(photos, tmp_path):
+    out = tmp_path / "tok"
+    refused(encode(photos, out, tmp_path / "no-such-model", "--pack", "--no-crop"), "--pack --no-crop")
+    assert not out.exists()
+
+
+def test_an_empty_input_folder_is_reported_before_the_model_load(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for command in ("encode", "reconstruct"):
+        refused(cli(command, tmp_path / "empty", tmp_path / "o", "--model", tmp_path / "gone"), "no images found")
+
+
+def test_a_missing_model_is_named_for_what_it_is(photos, tiny_model_dir, tmp_path):
+    model_copy = tmp_path / "model-copy"
+    shutil.copytree(tiny_model_dir, model_copy)
+    tok = tmp_path / "tok"
+    assert encode(photos / "gray", tok, model_copy)[0] == 0
+    shutil.rmtree(model_copy)
+    line = refused(cli("decode", tok, tmp_path / "dec", "--device", "cpu"))
+    assert line.startswith(f"error: the model recorded in {tok / 'manifest.json'} ({model_copy}) cannot be loaded")
+    assert line.endswith("pass --model")
+    refused(cli("encode", photos, tmp_path / "x"), "no bundled default model is installed; pass --model REF")
+
+
+def test_failures_leave_the_manifest_incomplete_with_their_count(photos, tiny_model_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(photos / "gray", src)
+    (src / "broken.png").write_bytes(b"")
+    assert encode(src, tmp_path / "tok", tiny_model_dir)[0] == 1
+    manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert manifest["complete"] is False and manifest["failed"] == 1 and len(manifest["images"]) == 4
+    assert encode(photos / "gray", tmp_path / "ok", tiny_model_dir)[0] == 0
+    manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["failed"] == 0
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_the_manifest_lists_what_was_written(
+    photos, tiny_model_dir, tmp_path, monkeypatch
+):
+    from optvq_cli import codec
+
+    real = codec._encoded_batches
+
+    def interrupted_after_two(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(codec, "_encoded_batches", interrupted_after_two)
+    out = tmp_path / "tok"
+    code, _, stderr = encode(photos, out, tiny_model_dir, "--batch-size", "3")
+    assert code == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is False
+    assert sorted(r["name"] for r in manifest["images"]) == sorted(grids(out)) and len(grids(out)) == 6
+
+    monkeypatch.setattr(codec, "_encoded_batches", real)
+    code, stdout, _ = encode(photos, out, tiny_model_dir, "--batch-size", "3")
+    assert code == 0 and "encoded 6 of 12, 6 already done" in stdout
+    assert encode(photos, tmp_path / "clean", tiny_model_dir)[0] == 0
+    assert tree(out) == tree(tmp_path / "clean")
+
+
+def test_no_crop_judges_the_size_after_resizing(tiny_model_dir, tmp_path):
+    src = tmp_path / "strip.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (3, 60, 3), np.uint8)).save(src)  # 60 x 3 px
+    code, _, stderr = encode(src, tmp_path / "crop", tiny_model_dir)
+    assert code == 1 and "image is 60x3 px, smaller than one token (4x4 px)" in stderr
+    code, _, stderr = encode(src, tmp_path / "whole", tiny_model_dir, "--no-crop", "--size", "8")
+    assert code == 0, stderr
+    assert np.load(tmp_path / "whole" / "strip.npy").shape == (2, 2, 40)  # 60 x 3 -> 160 x 8 px
+    refused(encode(src, tmp_path / "tiny", tiny_model_dir, "--size", "2"), "--size 2: smaller than one token")

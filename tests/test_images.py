@@ -256,3 +256,71 @@ def test_dataset_returns_errors_as_data_even_in_workers(tmp_path):
     assert "empty file" in s[1].error and s[1].pixels is None
     assert "smaller than one token" in s[2].error
     assert s[3].pixels is None and s[3].error is None and s[3].placement.original_size == (20, 20)
+
+
+# ---------------------------------------------------------------- QA findings (issue 4)
+
+
+def test_txt_list_with_a_bom_and_a_path_listed_twice(tmp_path):
+    _save(tmp_path / "a.png", _rgb())
+    _save(tmp_path / "b.png", _rgb())
+    lst = tmp_path / "list.txt"
+    lst.write_bytes("a.png\nb.png\n./a.png\n".encode("utf-8-sig"))  # Notepad's BOM before the first path
+    _, items, problems = find_inputs(lst)
+    assert [it.name for it in items] == ["a", "b"]
+    assert len(problems) == 1 and problems[0][1] == f"listed twice in {lst}; encoded once"
+
+
+def test_permission_denied_is_named_not_called_corrupt(tmp_path, monkeypatch):
+    p = _save(tmp_path / "locked.png", _rgb())
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(Image, "open", denied)  # chmod 000 does not stop root, who runs CI
+    for read in (lambda: read_image(p, 3), lambda: read_size(p)):
+        with pytest.raises(ImageError, match=r"^cannot read \(permission denied\)$"):
+            read()
+
+
+def test_unreadable_subfolders_are_reported(tmp_path, monkeypatch):
+    import os
+
+    _save(tmp_path / "ok" / "a.png", _rgb())
+    _save(tmp_path / "locked" / "b.png", _rgb())
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == tmp_path / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    _, items, problems = find_inputs(tmp_path)
+    assert [it.name for it in items] == ["ok/a"]
+    assert problems == [
+        (str(tmp_path / "locked"), "cannot read this folder (permission denied); its images were skipped")
+    ]
+
+
+def test_no_crop_judges_the_size_after_resizing():
+    pre = Preprocess(size=16, crop=False, multiple=8)
+    # 3 x 100 px: a sliver before resizing, 16 x 533 px after: plenty of tokens
+    assert pre.place(3, 100) == Placement((3, 100), (0, 0, 3, 100), (16, 533), (0, 0, 0, 3))
+    with pytest.raises(ImageError, match="3x100 px, smaller than one token"):
+        Preprocess(size=16, crop=True, multiple=8).place(3, 100)  # the crop square is 3 x 3 px
+    with pytest.raises(ImageError, match="resized to 4x133 px: smaller than one token"):
+        Preprocess(size=4, crop=False, multiple=8).place(3, 100)
+
+
+def test_check_input_is_cheap_and_says_what_is_wrong(tmp_path):
+    from optvq_cli.images import check_input
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="no images found"):
+        check_input(tmp_path / "empty")
+    _save(tmp_path / "empty" / "out" / "a.png", _rgb())  # images only inside OUTPUT do not count
+    with pytest.raises(UserError, match="no images found"):
+        check_input(tmp_path / "empty", exclude=[tmp_path / "empty" / "out"])
+    check_input(tmp_path / "empty")  # finds out/a.png

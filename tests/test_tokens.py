@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from optvq_cli import fileio
 from optvq_cli import tokens as tk
 from optvq_cli.errors import UserError
 
@@ -39,19 +43,42 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     tk.save_npy(target, np.zeros(3, np.uint8))
     before = target.read_bytes()
 
-    def broken(f):
-        f.write(b"partial")
+    def broken(tmp):
+        tmp.write_bytes(b"partial")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        tk.atomic_write(target, broken)
+        fileio.atomic_write(target, broken)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.npy"]
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_remove_temp_files_keeps_those_of_a_running_writer(tmp_path):
+    """Another optvq writing into the same OUTPUT: its temp files are not pulled from under it."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = tmp_path / f".b.npy{fileio.TMP_MARK}{sleeper.pid}-abcd.npy"
+        mine = tmp_path / f".c.png{fileio.TMP_MARK}{os.getpid()}-abcd.png"
+        dead = tmp_path / f".a.npy{fileio.TMP_MARK}{_dead_pid()}-abcd.npy"
+        for p in (live, mine, dead):
+            p.write_bytes(b"half")
+        assert tk.remove_temp_files(tmp_path) == 1
+        assert live.exists() and mine.exists() and not dead.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_remove_temp_files_only_removes_ours(tmp_path):
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / f".a.npy{tk.TMP_MARK}123-abcd").write_bytes(b"half")
+    (tmp_path / "d" / f".a.npy{fileio.TMP_MARK}{_dead_pid()}-abcd.npy").write_bytes(b"half")
     (tmp_path / "keep.npy").write_bytes(b"x")
     (tmp_path / ".hidden").write_bytes(b"x")
     assert tk.remove_temp_files(tmp_path) == 1
@@ -120,3 +147,72 @@ def test_manifest_read(tmp_path):
     (tmp_path / tk.MANIFEST).write_text(json.dumps({"something": "else"}))
     with pytest.raises(UserError, match="not an optvq token manifest"):
         tk.read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("cats/tom", True),
+        ("a..b/c", True),  # '..' inside a name is just a name
+        ("../x", False),
+        ("a/../../x", False),
+        ("/etc/passwd", False),
+        ("\\\\server\\share\\x", False),
+        ("C:x", False),
+        ("..\\x", False),
+        ("a//b", False),
+        ("", False),
+        (7, False),
+    ],
+)
+def test_output_names_must_stay_inside_output(name, ok):
+    assert (tk.name_problem(name) is None) == ok
+
+
+def _valid_manifest() -> dict:
+    row = {
+        "name": "a",
+        "source": "a.png",
+        "grid": [8, 9],
+        "original_size": [40, 36],
+        "crop_box": [0, 0, 40, 36],
+        "resized": [33, 30],
+        "padding": [0, 0, 3, 2],
+    }
+    model = {"ref": "m", "revision": None, "sha256": "ab" * 32, "downsample": 4}
+    return {"format": tk.FORMAT, "version": 1, "model": model, "layout": "files", "complete": True, "images": [row]}
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("model", "sha256"), "xyz", "model.sha256 must be 64 hex digits"),
+        (("layout",), "folder", "layout must be one of files, packed"),
+        (("complete",), "yes", "complete must be true or false"),
+        (("images",), {"a": 1}, "images must be a list of rows"),
+        (("images", 0, "grid"), [8], "images[0].grid must be 2 positive integers"),
+        (("images", 0, "padding"), [0, 0, -1, 2], "images[0].padding must be 4 non-negative integers"),
+        (("images", 0, "padding"), [0, 0, 3, 6], "images[0].padding [0, 0, 3, 6] does not fit resized [33, 30]"),
+        (("images", 0, "name"), True, "images[0].name must be a non-empty string"),
+    ],
+)
+def test_manifest_fields_are_checked_on_read(tmp_path, path, value, message):
+    m = _valid_manifest()
+    (tmp_path / tk.MANIFEST).write_text(json.dumps(m))
+    assert tk.read_manifest(tmp_path) == m  # hand-checked: 33 + 3 = 9 * 4 and 30 + 2 = 8 * 4
+    target = m
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    (tmp_path / tk.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(UserError) as e:
+        tk.read_manifest(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / tk.MANIFEST}: {message}")
+    assert "\n" not in str(e.value)
+
+
+def test_a_reconstruct_manifest_is_not_a_token_manifest(tmp_path):
+    (tmp_path / tk.MANIFEST).write_text(json.dumps({**_valid_manifest(), "format": tk.RECONSTRUCT_FORMAT}))
+    with pytest.raises(UserError, match="not an optvq token manifest"):
+        tk.read_manifest(tmp_path)
+    assert tk.read_manifest(tmp_path, tk.RECONSTRUCT_FORMAT)["format"] == tk.RECONSTRUCT_FORMAT

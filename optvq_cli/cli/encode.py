@@ -39,58 +39,85 @@ _ASSIGN = typer.Option(
     "--assign",
     help="nearest: each image's tokens depend on it alone. sinkhorn: the paper's batch-level assignment.",
 )
-_OVERWRITE = typer.Option(False, "--overwrite", help="Redo outputs that exist (and replace another model's).")
+_OVERWRITE = typer.Option(
+    False,
+    "--overwrite",
+    help="Redo outputs that exist, even another model's; earlier outputs listed in OUTPUT/manifest.json are removed.",
+)
 _STRICT = typer.Option(False, "--strict", help="Stop at the first bad input instead of skipping it.")
 
 
-def _require(path: Path, what: str) -> None:
-    """A missing INPUT is reported before the (slow) model load."""
-    if not path.exists():
-        fatal(f"{path}: no such file or folder; give {what}")
+def _escape(text: object) -> str:
+    """User text (paths, names, reasons quoting them) printed through rich: ``[bold]`` in a file
+    name is shown as is, never taken for markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
 
 
-def _load(ref: str, revision: str | None, device: str) -> Any:
+def _load(ref: str, revision: str | None, device: str, recorded_in: Path | None = None) -> Any:
+    """The model; ``recorded_in``: the manifest the reference came from (not the user's --model)."""
+    from ..errors import UserError
     from ..model import load_model
+    from ..model.checkpoint import bundled_names
 
-    with console.status(f"loading model {ref}..."):
-        return load_model(ref, device=device, revision=revision)
+    if ref == DEFAULT_MODEL and not Path(ref).exists() and DEFAULT_MODEL not in bundled_names():
+        fatal("no bundled default model is installed; pass --model REF")
+    try:
+        with console.status(f"loading model {_escape(ref)}..."):
+            return load_model(ref, device=device, revision=revision)
+    except UserError as e:
+        if recorded_in is None:
+            raise
+        fatal(f"the model recorded in {recorded_in} ({ref}) cannot be loaded: {e}; pass --model")
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C: one line and exit 130. Every finished output is on disk (written atomically) and
+    the manifest lists it, so the same command resumes."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun the same command to resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 @contextlib.contextmanager
 def _progress(verb: str) -> Iterator[tuple[Any, Any]]:
-    """A rich progress bar on stderr with images/s and ETA; yields (on_progress, on_failure)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """A rich progress bar on stderr with images/s and ETA; yields (on_progress, on_failure).
 
-    class Rate(TextColumn):
-        def __init__(self) -> None:
-            super().__init__("")
+    The rate counts only images worked on: outputs an earlier run finished are passed over in
+    an instant and would make it absurd."""
+    import time
 
-        def render(self, task: Any) -> Any:
-            from rich.text import Text
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+    from rich.text import Text
 
-            return Text(f"{task.speed:.1f} img/s" if task.speed else "-- img/s")
+    began = time.monotonic()
 
-    bar = Progress(
-        TextColumn(f"{verb}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    task = bar.add_task(verb, total=None)
+    class RateAndEta(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            worked, seconds = task.fields.get("worked", 0), time.monotonic() - began
+            if not worked or seconds <= 0:
+                return Text("-- img/s  ETA --")
+            rate = worked / seconds
+            eta = int(max(0.0, (task.total or 0) - task.completed) / rate)
+            return Text(f"{rate:.1f} img/s  ETA {eta // 60}:{eta % 60:02d}")
+
+    bar = Progress(TextColumn(verb), BarColumn(), MofNCompleteColumn(), RateAndEta(), console=console)
+    task = bar.add_task(verb, total=None, worked=0)
     started = False
 
-    def on_progress(done: int, total: int) -> None:
+    def on_progress(done: int, total: int, already_done: int) -> None:
         nonlocal started
         if not started:  # drawn once work begins: an early refusal prints only its error line
             bar.start()
             started = True
-        bar.update(task, completed=done, total=total)
+        bar.update(task, completed=done, total=total, worked=done - already_done)
 
     def on_failure(path: str, reason: str) -> None:
-        bar.console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        bar.console.print(f"[yellow]skipped[/] {_escape(path)}: {_escape(reason)}", highlight=False, soft_wrap=True)
 
     try:
         yield on_progress, on_failure
@@ -109,15 +136,9 @@ def _report(summary: Any, verb: str) -> None:
     line = ", ".join(parts) + f" in {summary.seconds:.1f} s ({summary.rate:.1f} images/s) -> {summary.output}"
     typer.echo(line)
     if summary.mean_psnr is not None:
-        typer.echo(f"mean PSNR {summary.mean_psnr:.2f} dB over {len(summary.psnr)} images")
+        typer.echo(f"mean PSNR (RGB) {summary.mean_psnr:.2f} dB over {len(summary.psnr)} images")
     if summary.failed:
-        console.print(
-            f"[bold red]error:[/] {len(summary.failed)} input(s) failed (listed above); "
-            "fix or remove them and rerun to finish",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(1)
+        fatal(f"{len(summary.failed)} input(s) failed (listed above); fix or remove them and rerun to finish")
 
 
 @app.command()
@@ -145,27 +166,30 @@ def encode(
     Unreadable inputs are reported and skipped; the run encodes the rest, then exits 1.
     """
     from .. import codec
+    from ..images import check_input
 
-    _require(input, "an image, a folder of images or a .txt list")
-    m = _load(model, revision, device)
-    with _progress("encoding") as (on_progress, on_failure):
-        summary = codec.encode(
-            m,
-            input,
-            output,
-            model_ref=codec.canonical_ref(model),
-            revision=revision,
-            size=size,
-            crop=not no_crop,
-            assign=assign,
-            pack=pack,
-            batch_size=batch_size,
-            workers=workers,
-            overwrite=overwrite,
-            strict=strict,
-            on_progress=on_progress,
-            on_failure=on_failure,
-        )
+    with _interruptible():
+        codec.check_options(assign, pack, not no_crop)
+        check_input(input, exclude=[output])  # before the slow model load
+        m = _load(model, revision, device)
+        with _progress("encoding") as (on_progress, on_failure):
+            summary = codec.encode(
+                m,
+                input,
+                output,
+                model_ref=codec.canonical_ref(model),
+                revision=revision,
+                size=size,
+                crop=not no_crop,
+                assign=assign,
+                pack=pack,
+                batch_size=batch_size,
+                workers=workers,
+                overwrite=overwrite,
+                strict=strict,
+                on_progress=on_progress,
+                on_failure=on_failure,
+            )
     _report(summary, "encoded")
 
 
@@ -184,26 +208,33 @@ def decode(
 
     Each file is checked first: integer dtype, shape, heads, every index in [0, n).
 
+    With a manifest.json, only the files it lists are decoded; names must stay inside OUTPUT.
+
     A bad file is reported in one line and skipped; the run decodes the rest, then exits 1.
     """
     from .. import codec
 
-    _require(tokens, "a .npy token file or a folder of them")
-    if model is None:
-        recorded = codec.tokens_model(tokens)
-        model, revision = recorded if recorded else (DEFAULT_MODEL, revision)
-    m = _load(model, revision, device)
-    with _progress("decoding") as (on_progress, on_failure):
-        summary = codec.decode(
-            m,
-            tokens,
-            output,
-            batch_size=batch_size,
-            overwrite=overwrite,
-            strict=strict,
-            on_progress=on_progress,
-            on_failure=on_failure,
-        )
+    with _interruptible():
+        codec.check_tokens_input(tokens)  # before the slow model load
+        recorded_in = None
+        if model is None:
+            recorded = codec.tokens_model(tokens)
+            if recorded:
+                (model, revision), recorded_in = recorded, codec.manifest_path(tokens)
+            else:
+                model = DEFAULT_MODEL
+        m = _load(model, revision, device, recorded_in)
+        with _progress("decoding") as (on_progress, on_failure):
+            summary = codec.decode(
+                m,
+                tokens,
+                output,
+                batch_size=batch_size,
+                overwrite=overwrite,
+                strict=strict,
+                on_progress=on_progress,
+                on_failure=on_failure,
+            )
     _report(summary, "decoded")
 
 
@@ -223,25 +254,35 @@ def reconstruct(
     overwrite: bool = _OVERWRITE,
     strict: bool = _STRICT,
 ) -> None:
-    """Encode and decode in one pass; prints the mean PSNR against the preprocessed inputs."""
-    from .. import codec
+    """Encode and decode in one pass; prints the mean RGB PSNR against the preprocessed inputs.
 
-    _require(input, "an image, a folder of images or a .txt list")
-    m = _load(model, revision, device)
-    with _progress("reconstructing") as (on_progress, on_failure):
-        summary = codec.reconstruct(
-            m,
-            input,
-            output,
-            size=size,
-            crop=not no_crop,
-            assign=assign,
-            side_by_side=side_by_side,
-            batch_size=batch_size,
-            workers=workers,
-            overwrite=overwrite,
-            strict=strict,
-            on_progress=on_progress,
-            on_failure=on_failure,
-        )
+    OUTPUT must lie outside INPUT.
+
+    OUTPUT/manifest.json records the model and settings: a rerun with others needs --overwrite.
+    """
+    from .. import codec
+    from ..images import check_input
+
+    with _interruptible():
+        codec.check_options(assign)
+        check_input(input, exclude=[output])  # before the slow model load
+        m = _load(model, revision, device)
+        with _progress("reconstructing") as (on_progress, on_failure):
+            summary = codec.reconstruct(
+                m,
+                input,
+                output,
+                model_ref=codec.canonical_ref(model),
+                revision=revision,
+                size=size,
+                crop=not no_crop,
+                assign=assign,
+                side_by_side=side_by_side,
+                batch_size=batch_size,
+                workers=workers,
+                overwrite=overwrite,
+                strict=strict,
+                on_progress=on_progress,
+                on_failure=on_failure,
+            )
     _report(summary, "reconstructed")
