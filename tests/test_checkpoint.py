@@ -393,7 +393,7 @@ def test_convert_plain_cnn_training_checkpoint_from_key_list(tmp_path):
     )
     assert (model.config.n_codes, model.config.e_dim, model.config.heads) == (m.n_codes, m.e_dim, m.heads)
     assert torch.equal(model.quantizer.embedding.weight, sd["quantize.embedding.weight"])
-    assert model.config == m  # the whole MNIST preset, resolution 28 included
+    assert model.config == m  # the whole MNIST preset, resolution 32 (Sec. 4.2) included
 
 
 def test_convert_refuses_arbitrary_pickles(tmp_path):
