@@ -162,3 +162,22 @@ def test_half_precision_inputs_are_computed_in_fp32():
 def test_empty_pool():
     assert sinkhorn_assign(torch.empty(0, 3), torch.randn(4, 3)).numel() == 0
     assert nearest_assign(torch.empty(0, 3), torch.randn(4, 3)).numel() == 0
+
+
+def test_process_wide_streaming_switch(monkeypatch):
+    import optvq_cli.model.assign as A
+
+    g = torch.Generator().manual_seed(9)
+    x, codes = torch.randn(200, 4, generator=g), torch.randn(50, 4, generator=g)
+    seen = []
+    real = A._Pairs.dist
+
+    def spy(self, s, e, out):
+        seen.append(out.shape[0])
+        return real(self, s, e, out)
+
+    monkeypatch.setattr(A._Pairs, "dist", spy)
+    monkeypatch.setattr(A, "STREAM_CHUNK", 16)
+    idx = sinkhorn_assign(x, codes)
+    assert max(seen) == 16  # blocks of the streaming size, not one 200-row matrix
+    assert agreement(idx, sinkhorn_assign_plain(x, codes)) >= 0.999

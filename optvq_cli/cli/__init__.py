@@ -21,8 +21,19 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    sinkhorn_chunk: int = typer.Option(
+        None,
+        "--sinkhorn-chunk",
+        min=1,
+        help="Stream the Sinkhorn assignment in blocks of N rows (never holds the l x n matrix); "
+        "by default it streams only above 2 GiB.",
+    ),
 ) -> None:
     """OptVQ image tokenizer."""
+    if sinkhorn_chunk:
+        from ..model import assign
+
+        assign.STREAM_CHUNK = sinkhorn_chunk
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ STD_EPS = 1e-6
 SUM_EPS = 1e-8
 # Above this many bytes for one fp32 l x n matrix, sinkhorn_assign streams instead.
 DEFAULT_MAX_BYTES = 2 * 1024**3
+# Process-wide streaming default for calls that pass no chunk_size (`optvq --sinkhorn-chunk N`).
+STREAM_CHUNK: int | None = None
 _V_MAX = 1e30  # keeps a code that nothing reaches from overflowing its scaling
 
 
@@ -137,7 +139,7 @@ def sinkhorn_assign(
     epsilon: float = 10.0,
     n_iters: int = 5,
     chunk_size: int | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int | None = None,
     distributed: bool | None = None,
 ) -> torch.Tensor:
     """OptVQ assignment (Algorithm 1): k_i = argmax_j A_ij of the entropic transport plan.
@@ -146,17 +148,19 @@ def sinkhorn_assign(
     matrix (Eqs. 11-12); A = exp(-epsilon D'') (Eq. 10) scaled to total mass 1, then ``n_iters``
     times: each code's mass to 1/n, each vector's mass to 1/l (with the authors' +1e-8 guards).
 
-    ``chunk_size=None`` holds one l x n fp32 matrix when it fits ``max_bytes`` and otherwise
-    streams; an explicit ``chunk_size`` always streams: distances are recomputed block by block on
-    every pass and only the per-vector and per-code scalings are kept, O((l + n) d + chunk n) memory.
+    ``chunk_size=None`` holds one l x n fp32 matrix when it fits ``max_bytes`` (default 2 GiB) and
+    otherwise streams; a ``chunk_size`` (or the process-wide ``STREAM_CHUNK``) always streams:
+    distances are recomputed block by block on every pass and only the per-vector and per-code
+    scalings are kept, O((l + n) d + chunk n) memory.
     ``distributed=None`` reduces across ranks whenever torch.distributed is initialized.
     """
     x, codes = _prepare(x, codes)
     group = _default_group(distributed)
     if x.shape[0] == 0 and group is None:
         return torch.empty(0, dtype=torch.long, device=x.device)
+    chunk_size = chunk_size or STREAM_CHUNK
     with _flush_denormals(x.device):
-        return _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group)
+        return _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes or DEFAULT_MAX_BYTES, group)
 
 
 def _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group) -> torch.Tensor:
