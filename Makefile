@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint bench toy data clean
+.PHONY: install test lint bench toy demo data clean
 
 $(BIN)/optvq: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,17 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_assign.py
+	$(BIN)/python benchmarks/bench_e2e.py
+
+# The main job: the bundled default model on photographs that ship inside scikit-image.
+DEMO_PHOTOS := astronaut.png chelsea.png coffee.png rocket.jpg motorcycle_left.png retina.jpg
+demo: install
+	@mkdir -p demo-out
+	$(BIN)/python -c "import skimage, pathlib; d = pathlib.Path(skimage.__file__).parent / 'data'; \
+	  pathlib.Path('demo-out/photos.txt').write_text(''.join(f'{d / n}\n' for n in '$(DEMO_PHOTOS)'.split()))"
+	$(BIN)/optvq reconstruct demo-out/photos.txt demo-out/reconstructions --side-by-side --overwrite
+	$(BIN)/optvq encode demo-out/photos.txt demo-out/tokens --overwrite
+	@echo "side-by-side originals | reconstructions: demo-out/reconstructions/; tokens: demo-out/tokens/"
 
 toy: install
 	$(BIN)/optvq toy --out toy-out --overwrite
@@ -33,4 +44,4 @@ data: install
 	PYTHON=$(BIN)/python scripts/fetch_data.sh .data
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache toy-out
+	rm -rf $(VENV) .pytest_cache .ruff_cache toy-out demo-out

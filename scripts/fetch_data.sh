@@ -21,6 +21,22 @@ if [ ! -s "$dest/fashion-mnist/t10k-labels-idx1-ubyte.gz" ]; then
   mkdir -p "$dest/fashion-mnist" && cp "$tmp"/fm/usr/share/datasets/fashion-mnist/*.gz "$dest/fashion-mnist/"
 fi
 
+if [ ! -s "$dest/mnist-test-png/09999.png" ]; then
+  echo "MNIST test set as PNGs (for optvq eval) -> $dest/mnist-test-png"
+  "${PYTHON:-python3}" - "$dest/mnist/t10k-images-idx3-ubyte" "$dest/mnist-test-png" <<'PY'
+import os, sys
+import numpy as np
+from PIL import Image
+src, out = sys.argv[1], sys.argv[2]
+raw = open(src, "rb").read()
+n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
+images = np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w)
+os.makedirs(out, exist_ok=True)
+for i, img in enumerate(images):
+    Image.fromarray(img).save(os.path.join(out, f"{i:05d}.png"))
+PY
+fi
+
 echo "photographs (scikit-image, scikit-learn, matplotlib, scipy wheels) -> $dest/photos"
 py=${PYTHON:-python3}
 "$py" - "$dest/photos" "$tmp" <<'PY'
