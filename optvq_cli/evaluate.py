@@ -327,9 +327,7 @@ class _Perceptual:
         self.unavailable: dict[str, str] = {}
         smallest = perceptual.LPIPS_MIN_SIZE[opts.lpips_net]
         if "lpips" in wanted and resolution < smallest:
-            self.unavailable["lpips"] = (
-                f"LPIPS-{opts.lpips_net} needs images of at least {smallest}px; raise --size"
-            )
+            self.unavailable["lpips"] = f"LPIPS-{opts.lpips_net} needs images of at least {smallest}px; raise --size"
         elif "lpips" in wanted:
             name = f"lpips-{opts.lpips_net}"
             try:

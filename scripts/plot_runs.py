@@ -1,6 +1,6 @@
 """Training curves (PSNR and codebook usage against epoch) of several runs' metrics.jsonl.
 
-    python scripts/plot_runs.py OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]
+python scripts/plot_runs.py OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]
 """
 
 import json

@@ -691,7 +691,7 @@ def test_an_empty_input_folder_is_reported_before_the_model_load(tmp_path):
         refused(cli(command, tmp_path / "empty", tmp_path / "o", "--model", tmp_path / "gone"), "no images found")
 
 
-def test_a_missing_model_is_named_for_what_it_is(photos, tiny_model_dir, tmp_path):
+def test_a_missing_model_is_named_for_what_it_is(photos, tiny_model_dir, tmp_path, monkeypatch):
     model_copy = tmp_path / "model-copy"
     shutil.copytree(tiny_model_dir, model_copy)
     tok = tmp_path / "tok"
@@ -700,6 +700,9 @@ def test_a_missing_model_is_named_for_what_it_is(photos, tiny_model_dir, tmp_pat
     line = refused(cli("decode", tok, tmp_path / "dec", "--device", "cpu"))
     assert line.startswith(f"error: the model recorded in {tok / 'manifest.json'} ({model_copy}) cannot be loaded")
     assert line.endswith("pass --model")
+    from optvq_cli.model import checkpoint
+
+    monkeypatch.setattr(checkpoint, "BUNDLED_DIRS", [tmp_path / "no-bundled-models"])  # an install without them
     refused(cli("encode", photos, tmp_path / "x"), "no bundled default model is installed; pass --model REF")
 
 

@@ -134,9 +134,7 @@ def export(
         "--size",
         help="Example image size for program exports, H or HxW (default: the model's resolution).",
     ),
-    force: bool = typer.Option(
-        False, "--overwrite", help="Replace OUT if it exists and holds only an earlier export."
-    ),
+    force: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists and holds only an earlier export."),
 ) -> None:
     """Export a model: an inference-only Hugging Face folder and/or standalone programs."""
     try:

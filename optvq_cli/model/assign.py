@@ -90,12 +90,12 @@ class _Pairs:
         c2 = (codes * codes).sum(1, keepdim=True)
         self.xa = torch.cat([x, torch.ones_like(x2), x2], 1)
         self.ca = torch.cat([-2.0 * codes, c2, torch.ones_like(c2)], 1)
-        # Sum over the whole matrix of D^2, in closed form (float64): the z-score's second moment
-        # without a pass over D.
-        xd, cd = x.double(), codes.double()
-        parts = _all_sum(torch.cat([(xd * xd).sum().reshape(1), xd.sum(0)]), group)
+        # Sum over the whole matrix of D^2 in closed form (float64 sums, no copies): the z-score's
+        # second moment without a pass over D.
+        parts = _all_sum(torch.cat([x2.sum(dtype=torch.float64).reshape(1), x.sum(0, dtype=torch.float64)]), group)
         n = codes.shape[0]
-        self.sum_sq = float(n * parts[0] + self.l_total * (cd * cd).sum() - 2 * parts[1:] @ cd.sum(0))
+        c_sum = codes.sum(0, dtype=torch.float64)
+        self.sum_sq = float(n * parts[0] + self.l_total * c2.sum(dtype=torch.float64) - 2 * parts[1:] @ c_sum)
 
     def sq_dist(self, s: int, e: int, out: torch.Tensor, ca: torch.Tensor | None = None) -> torch.Tensor:
         return torch.mm(self.xa[s:e], (self.ca if ca is None else ca).t(), out=out)
@@ -194,7 +194,7 @@ def _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group) -> torch
         var = float(_all_sum(m2, group)) / max(count - 1.0, 1.0)
     scale = epsilon / (math.sqrt(max(var, 0.0)) + STD_EPS)
     shift = scale * float(dmin)
-    ca_scaled = pairs.ca * scale**2  # streaming folds the scale into the multiply
+    ca_scaled = pairs.ca * scale**2 if stream else None  # streaming folds the scale into the multiply
 
     def kernel(s: int, e: int) -> torch.Tensor:
         """K = exp(-eps D'') = exp(scale min D - scale D) for rows s:e."""
