@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
+from test_data import photo_crops  # real-photo patches, shared with the data tests
 from typer.testing import CliRunner
 
 from optvq_cli.cli import app
@@ -42,26 +42,10 @@ from optvq_cli.train import (
     train,
 )
 
-SKIMAGE = Path(__import__("skimage").__file__).parent / "data"
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
 QUIET = dict(log=lambda m: None)
 
 
 # ---------------------------------------------------------------- small real data sets
-
-
-def photo_crops(n: int, size: int, grey: bool = False) -> np.ndarray:
-    """n patches of skimage's photos at size x size: uint8 (n, 3, s, s), or (n, s, s) when grey."""
-    out = []
-    for i in range(n):
-        im = Image.open(SKIMAGE / PHOTOS[i % len(PHOTOS)]).convert("L" if grey else "RGB")
-        w, h = im.size
-        k = i // len(PHOTOS)
-        side = min(w, h) // 2
-        left, top = (k * 37) % (w - side), (k * 53) % (h - side)
-        a = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)))
-        out.append(a if grey else a.transpose(2, 0, 1))
-    return np.stack(out)
 
 
 def write_cifar_dir(root: Path, n_train: int = 16, n_test: int = 4) -> Path:
