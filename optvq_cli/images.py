@@ -7,7 +7,8 @@ one unreadable photo in a DataLoader worker does not sink its batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -193,16 +194,11 @@ def to_channels(im: Image.Image, channels: int) -> Image.Image:
     return im if im.mode == want else im.convert(want)
 
 
-def read_image(path: Path, channels: int) -> Image.Image:
-    """The first frame of ``path``, EXIF orientation applied, as "RGB" or "L". Raises ImageError."""
+@contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """Pillow's and the OS's ways of failing on one file, as one ImageError with the reason."""
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageError("empty file (0 bytes)")
-        with Image.open(path) as im:
-            im.seek(0)  # first frame of an animation
-            im.load()  # decode now: a truncated file fails here, not later
-            oriented = ImageOps.exif_transpose(im)
-            return to_channels(oriented if oriented is not None else im, channels)
+        yield
     except ImageError:
         raise
     except FileNotFoundError:
@@ -217,22 +213,25 @@ def read_image(path: Path, channels: int) -> Image.Image:
         raise ImageError(f"truncated or corrupt image ({e})") from None
 
 
+def read_image(path: Path, channels: int) -> Image.Image:
+    """The first frame of ``path``, EXIF orientation applied, as "RGB" or "L". Raises ImageError."""
+    with _pillow_errors():
+        if os.path.getsize(path) == 0:
+            raise ImageError("empty file (0 bytes)")
+        with Image.open(path) as im:
+            im.seek(0)  # first frame of an animation
+            im.load()  # decode now: a truncated file fails here, not later
+            oriented = ImageOps.exif_transpose(im)
+            return to_channels(oriented if oriented is not None else im, channels)
+
+
 def read_size(path: Path) -> tuple[int, int]:
     """(width, height) after EXIF orientation, from the header only (no pixel decoding)."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
-                w, h = h, w
-            return w, h
-    except FileNotFoundError:
-        raise ImageError("no such file") from None
-    except PermissionError:
-        raise ImageError("cannot read (permission denied)") from None
-    except UnidentifiedImageError:
-        raise ImageError("not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"truncated or corrupt image ({e})") from None
+    with _pillow_errors(), Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
+            w, h = h, w
+        return w, h
 
 
 # ---------------------------------------------------------------- preprocessing

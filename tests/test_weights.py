@@ -14,24 +14,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
+from test_eval import _invoke  # one in-process CLI runner for the eval and weights tests
 
 import optvq_cli.cli.weights  # noqa: F401  (registers `optvq weights` until the CLI imports it)
 from optvq_cli import weights as W
-from optvq_cli.cli import app
 from optvq_cli.errors import UserError
 from optvq_cli.perceptual import LPIPS, FIDInception, conv_indices, load_inception, load_lpips
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
-
-
-def _invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if isinstance(result.exception, UserError):
-        return 1, str(result.exception)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 def _skimage(name: str) -> Image.Image:
