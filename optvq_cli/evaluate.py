@@ -20,28 +20,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import metrics as M
 from .errors import UserError
 from .fileio import atomic_write
+from .images import RESAMPLE, ImageError, Preprocess, image_extensions, read_image
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage")
 PROTOCOLS = ("optvq", "rgb")
 LPIPS_NETS = ("vgg", "alex")
 ASSIGNS = ("sinkhorn", "nearest")
-RESAMPLE = "bicubic"
 DEFAULT_RESOLUTION = 256
 N_EXTREME = 10  # most / least used codes listed in the report
 
 
 # -- images ---------------------------------------------------------------------------------------
-
-
-def image_extensions() -> set[str]:
-    Image.init()
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
 def list_images(root: Path) -> list[str]:
@@ -56,28 +51,14 @@ def list_images(root: Path) -> list[str]:
     return sorted(found)
 
 
-def preprocess(img: Image.Image, resolution: int, mode: str = "RGB") -> np.ndarray:
-    """EXIF-upright, ``mode`` (RGB or L), shorter side resized to ``resolution`` (Pillow bicubic,
-    antialiased), center crop ``resolution`` x ``resolution``: uint8 (H, W, C)."""
-    img = ImageOps.exif_transpose(img).convert(mode)
-    w, h = img.size
-    scale = resolution / min(w, h)
-    if (w, h) != (resolution, resolution) and min(w, h) != resolution:
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
 def _read(path: Path, resolution: int, mode: str) -> tuple[torch.Tensor, str]:
+    """The model's own protocol (images.Preprocess: centre square, resized to resolution^2), so
+    eval sees exactly what `optvq encode` feeds the model."""
     try:
-        with Image.open(path) as img:
-            arr = preprocess(img, resolution, mode)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1), ""
-    except Exception as e:  # reported by the main process with the path: one bad file, one clear line
-        return torch.zeros(len(mode), resolution, resolution, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+        pixels, _ = Preprocess(resolution).apply(read_image(path, len(mode)))
+        return torch.from_numpy(pixels).permute(2, 0, 1), ""
+    except ImageError as e:  # reported by the main process with the path: one bad file, one clear line
+        return torch.zeros(len(mode), resolution, resolution, dtype=torch.uint8), str(e)
 
 
 class EvalImages(Dataset):
@@ -197,6 +178,7 @@ def _fingerprint(rel: list[str], resolution: int, inception_sha: str, mode: str)
         "count": str(len(rel)),
         "resolution": str(resolution),
         "resize": RESAMPLE,
+        "crop": "center-square-then-resize",
         "channels": mode,
         "inception_sha256": inception_sha,
     }
@@ -299,7 +281,7 @@ def _check_options(opts: EvalOptions) -> None:
     if not opts.data.is_dir():
         raise UserError(f"{opts.data}: not a folder of images")
     if (opts.model is None) == (opts.against is None):
-        raise UserError("give exactly one of --model REF (reconstruct DATA) or --against OTHER (compare folders)")
+        raise UserError("give one of --model REF (reconstruct DATA) or --against OTHER (compare folders), not both")
     if opts.against is not None and not opts.against.is_dir():
         raise UserError(f"--against {opts.against}: not a folder of images")
     checks = [
@@ -520,8 +502,8 @@ def _protocol(opts, nets: _Perceptual, model, resolution: int, channel: str, wor
         "data": str(opts.data),
         "against": str(opts.against) if opts.against is not None else None,
         "resolution": resolution,
-        "resize": f"shorter side to {resolution}, Pillow {RESAMPLE} (antialiased)",
-        "crop": f"center {resolution}x{resolution}",
+        "crop": "centre square of the shorter side (transparency on white, EXIF orientation applied)",
+        "resize": f"the square to {resolution}x{resolution}, Pillow {RESAMPLE} (antialiased)",
         "range": "[0, 1]; reconstructions clamped to [0, 1], not rounded (except for rFID)",
         "psnr": {
             "channel": "Y of YCbCr (BT.601, studio swing)" if channel == "y" else "RGB",

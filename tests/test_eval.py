@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_encode import preprocess_by_hand  # the model's protocol done independently, shared with encode
 from typer.testing import CliRunner
 
 from optvq_cli.cli import app
 from optvq_cli.errors import UserError
-from optvq_cli.evaluate import EvalOptions, list_images, preprocess, run_eval
+from optvq_cli.evaluate import EvalOptions, list_images, run_eval
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
 TOP_KEYS = {"psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "count", "protocol", "heads"}
@@ -62,16 +63,26 @@ def _invoke(*args: str):
 # -- preprocessing and pairing --------------------------------------------------------------------
 
 
-def test_preprocess_resizes_shorter_side_and_crops_the_centre():
-    # 60 x 30: left third red, middle third green, right third blue; -> 32 x 32 keeps the green middle
+def test_eval_sees_the_pixels_encode_sees(tmp_path):
+    """Eval reads images with the model's protocol (centre square, then resized; transparency on
+    white): a 60 x 30 image of three stripes keeps its green middle, and an RGBA image's
+    transparent half is white, as `optvq encode` sees them."""
+    from optvq_cli.evaluate import EvalImages
+
     arr = np.zeros((30, 60, 3), dtype=np.uint8)
     arr[:, :20, 0], arr[:, 20:40, 1], arr[:, 40:, 2] = 255, 255, 255
-    out = preprocess(Image.fromarray(arr), 16)
-    assert out.shape == (16, 16, 3)
-    assert out[:, 8, 1].min() == 255 and out[:, 8, 0].max() == 0  # centre column is green
-    # a 16 x 16 input is left as it is
-    same = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    assert np.array_equal(preprocess(Image.fromarray(same), 16), same)
+    Image.fromarray(arr).save(tmp_path / "stripes.png")
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[:, :8] = (255, 0, 0, 255)  # opaque red left half, transparent right half
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    items = EvalImages(tmp_path, ["half.png", "stripes.png"], 16)
+    _, half, err, _, _ = items[0]
+    _, stripes, err2, _, _ = items[1]
+    assert err == err2 == ""
+    assert np.array_equal(half.permute(1, 2, 0).numpy(), preprocess_by_hand(tmp_path / "half.png", 16))
+    assert np.array_equal(stripes.permute(1, 2, 0).numpy(), preprocess_by_hand(tmp_path / "stripes.png", 16))
+    assert stripes[1, :, 8].min() == 255 and stripes[0, :, 8].max() == 0  # centre column is green
+    assert half[:, :, 12].min() == 255  # the transparent half is white
 
 
 def test_list_images_is_sorted_recursive_and_skips_hidden(tmp_path):
@@ -169,7 +180,7 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
     # Recompute independently with the model's own token path (encode_indices/decode_indices).
     model = load_model(str(tiny_model_dir), device="cpu")
     x = torch.stack(
-        [torch.from_numpy(preprocess(Image.open(photos / r), 32).copy()).permute(2, 0, 1) for r in list_images(photos)]
+        [torch.from_numpy(preprocess_by_hand(photos / r)).permute(2, 0, 1) for r in list_images(photos)]
     ).float()
     x = x / 255
     idx = model.encode_indices(x * 2 - 1, assign="sinkhorn")  # one batch of 5, as with -b 5
@@ -198,10 +209,20 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
     assert code == 1 and "--overwrite" in text
 
 
+def test_no_model_means_the_bundled_default(photos, tmp_path):
+    out = tmp_path / "r.json"
+    code, text = _invoke("eval", photos, "--metrics", "psnr,usage", "--limit", 2, "--json", out)
+    assert code == 0, text
+    rep = json.loads(out.read_text())
+    assert rep["protocol"]["model"]["ref"] == "default" and rep["count"] == 2
+    bundled = json.loads((Path(__file__).parents[1] / "checkpoints/default/config.json").read_text())
+    assert rep["protocol"]["model"]["n_codes"] == bundled["model"]["n_codes"]
+
+
 def test_bad_input_is_one_line(photos, tmp_path, tiny_model_dir):
     cases = [
         (["eval", tmp_path / "nope", "--against", photos], "not a folder"),
-        (["eval", photos], "exactly one of"),
+        (["eval", photos, "--model", tiny_model_dir, "--against", photos], "not both"),
         (["eval", photos, "--against", photos, "--metrics", "psnr,bogus"], "bogus"),
         (["eval", photos, "--against", photos, "--metrics", "usage"], "needs --model"),
         (["eval", photos, "--model", tiny_model_dir, "--size", 30], "multiple"),

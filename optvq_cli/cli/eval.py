@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from .app import app, console, fatal
+from .encode import DEFAULT_MODEL
 
 N_SAMPLES = 8
 
@@ -94,7 +95,12 @@ class _RichProgress:
 @app.command(name="eval")
 def eval_(
     data: Path = typer.Argument(..., help="Folder of images (flat or in class folders), searched recursively."),
-    model: str = typer.Option(None, "--model", "-m", help="Model to reconstruct DATA with: a folder, file or hub id."),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model to reconstruct DATA with: a folder, file or hub id (default: the bundled 'default' model).",
+    ),
     against: Path = typer.Option(None, "--against", help="No model: compare DATA with this folder, paired by path."),
     metrics: str = typer.Option(None, "--metrics", help="Comma list of psnr,ssim,lpips,rfid,usage (default: all)."),
     lpips_net: str = typer.Option("vgg", "--lpips-net", help="LPIPS backbone: vgg or alex."),
@@ -126,6 +132,8 @@ def eval_(
     from ..evaluate import EvalOptions, parse_metrics, run_eval, save_sample_grid, save_usage_plot, world
 
     chosen = parse_metrics(metrics)
+    if model is None and against is None:
+        model = DEFAULT_MODEL
     if plot is not None and (model is None or (chosen is not None and "usage" not in chosen)):
         fatal("--plot needs --model and the usage metric (it shows the model's codebook usage)")
     rank, _ = world()
