@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optvq_cli import nearest_assign, sinkhorn_assign
-from optvq_cli.model.assign import sinkhorn_assign_plain, sinkhorn_plans
+from optvq_cli.model.assign import _best_in_rows, sinkhorn_assign_plain, sinkhorn_plans
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,6 +94,17 @@ def test_invariant_to_global_shift_and_scale(scale, shift):
     assert agreement(moved, base) >= 0.995  # ties aside: fp32 rounding moves near-equal distances
     moved_nn = nearest_assign(x * scale + shift, codes * scale + shift)
     assert agreement(moved_nn, nearest_assign(x, codes)) >= 0.995
+
+
+@pytest.mark.parametrize("n", [1024, 1000, 100000 // 8, 1021, 64])
+def test_best_in_rows_equals_torch_max_and_min_with_ties(n):
+    g = torch.Generator().manual_seed(n)
+    t = torch.randint(0, 50, (37, n), generator=g).float()  # many ties: first index must win
+    t[5, n // 3] = t[5, n - 1] = 99.0  # a tie for the top spread over two column groups
+    for largest, ref in ((True, t.max(1)), (False, t.min(1))):
+        best, idx = _best_in_rows(t, largest)
+        assert torch.equal(best, ref.values) and torch.equal(idx, ref.indices)
+    assert int(_best_in_rows(t)[1][5]) == n // 3
 
 
 def test_nearest_matches_cdist_argmin():

@@ -104,6 +104,22 @@ class _Pairs:
         return self.sq_dist(s, e, out).clamp_(min=0.0).sqrt_()
 
 
+def _best_in_rows(t: torch.Tensor, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t.max(1)`` (or ``t.min(1)``): each row's best value and the first index reaching it.
+
+    Reductions that return indices are not vectorized on CPU (measured 6x slower than ``amax``
+    at 128 x 16384): the value is found with amax over column groups, the index by one
+    index-returning reduction over the winning group only. Same values, same first indices."""
+    rows, n = t.shape
+    w = next((w for w in (128, 160, 200, 250, 256, 96, 64) if n % w == 0 and n > w), None)
+    if w is None or t.device.type != "cpu":
+        return t.max(1) if largest else t.min(1)
+    groups = t.view(rows, n // w, w)
+    best, which = (groups.amax(2).max(1)) if largest else (groups.amin(2).min(1))
+    inner = groups[torch.arange(rows, device=t.device), which]
+    return best, which * w + (inner.argmax(1) if largest else inner.argmin(1))
+
+
 def nearest_assign(x: torch.Tensor, codes: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """Vanilla VQ (Eq. 1): k_i = argmin_j ||x_i - c_j||.
 
@@ -117,7 +133,7 @@ def nearest_assign(x: torch.Tensor, codes: torch.Tensor, chunk_size: int | None 
     ca = torch.cat([-2.0 * codes, (codes * codes).sum(1, keepdim=True)], 1)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for s in range(0, x.shape[0], rows):
-        out[s : s + rows] = torch.mm(xa[s : s + rows], ca.t()).argmin(1)
+        out[s : s + rows] = _best_in_rows(torch.mm(xa[s : s + rows], ca.t()), largest=False)[1]
     return out
 
 
@@ -225,7 +241,7 @@ def _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group) -> torch
     idx = torch.empty(l_local, dtype=torch.long, device=x.device)
     best = torch.empty(l_local, device=x.device)
     for s, e in spans:
-        best[s:e], idx[s:e] = kernel(s, e).mul_(v).max(1)
+        best[s:e], idx[s:e] = _best_in_rows(kernel(s, e).mul_(v))
     _fix_dead_rows(idx, best, pairs, v, scale, float(dmin))
     return idx
 
