@@ -23,7 +23,12 @@ def main() -> None:
         ax_use.plot([r["epoch"] for r in train], [100 * r["codebook_usage"] for r in train], label=label)
     ax_psnr.set(xlabel="epoch", ylabel="training-batch PSNR (dB)", title="reconstruction")
     ax_use.set(xlabel="epoch", ylabel="codes used in the batch (%)", title="codebook usage", yscale="log")
-    for ax in (ax_psnr, ax_use):
+    save_panels(fig, (ax_psnr, ax_use), out)
+
+
+def save_panels(fig, axes, out: str) -> None:
+    """Grid, legend and layout shared by the docs/ figures, then the PNG."""
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

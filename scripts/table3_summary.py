@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from plot_runs import save_panels  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 SIZES = [128, 1024, 4096, 16384]
 LABELS = {"vq": "vanilla VQ (nearest)", "optvq": "OptVQ (Sinkhorn)"}
@@ -48,10 +49,7 @@ def main() -> None:
     ax_use.set(xlabel="codebook size", ylabel="codes used (%)", title="codebook usage", xscale="log", yscale="log")
     for ax in (ax_psnr, ax_use):
         ax.set_xticks(SIZES, [str(n) for n in SIZES])
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_panels(fig, (ax_psnr, ax_use), out)
 
 
 if __name__ == "__main__":
