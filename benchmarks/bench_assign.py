@@ -35,7 +35,7 @@ def _run_one(method: str, l_: int, n: int, d: int, device: str, reps: int, idx_p
     """Runs in the child process."""
     import torch
 
-    from optvq_cli.model.assign import nearest_assign, sinkhorn_assign, sinkhorn_assign_plain
+    from optvq_cli.quant.assign import nearest_assign, sinkhorn_assign, sinkhorn_assign_plain
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(l_, d, generator=g) * 0.8 + 0.1).to(device)

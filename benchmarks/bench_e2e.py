@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from optvq_cli.cli import app
-from optvq_cli.model.quantizer import OptVQuantizer
+from optvq_cli.quant.quantizer import OptVQuantizer
 
 _spent = {"assign": 0.0, "calls": 0}
 _orig = OptVQuantizer.assign_indices

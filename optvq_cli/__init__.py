@@ -10,16 +10,16 @@ __version__ = "0.1.0"
 
 # The public API, imported on first use so `optvq --help` does not pay for importing torch.
 _EXPORTS = {
-    "sinkhorn_assign": ".model.assign",
-    "nearest_assign": ".model.assign",
-    "OptVQuantizer": ".model.quantizer",
-    "codebook_stats": ".model.quantizer",
+    "sinkhorn_assign": "optvq_cli.quant.assign",
+    "nearest_assign": "optvq_cli.quant.assign",
+    "OptVQuantizer": "optvq_cli.quant.quantizer",
+    "codebook_stats": "optvq_cli.quant.quantizer",
 }
 __all__ = ["OptVQuantizer", "codebook_stats", "nearest_assign", "sinkhorn_assign", "__version__"]
 
 if TYPE_CHECKING:
-    from .model.assign import nearest_assign, sinkhorn_assign
-    from .model.quantizer import OptVQuantizer, codebook_stats
+    from optvq_cli.quant.assign import nearest_assign, sinkhorn_assign
+    from optvq_cli.quant.quantizer import OptVQuantizer, codebook_stats
 
 
 def __getattr__(name: str):

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fileio import atomic_write
-from .model.assign import nearest_assign, sinkhorn_assign, sinkhorn_plans
+from optvq_cli.core.fileio import atomic_write
+from optvq_cli.quant.assign import nearest_assign, sinkhorn_assign, sinkhorn_plans
 
 # Fig. 6 set-up (Sec. 4.3): 100 points, 25 codes in 2-D.
 N_POINTS = 100

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optvq_cli import nearest_assign, sinkhorn_assign
-from optvq_cli.model.assign import _best_in_rows, sinkhorn_assign_plain, sinkhorn_plans
+from optvq_cli.quant.assign import _best_in_rows, sinkhorn_assign_plain, sinkhorn_plans
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -176,7 +176,7 @@ def test_empty_pool():
 
 
 def test_process_wide_streaming_switch(monkeypatch):
-    import optvq_cli.model.assign as A
+    import optvq_cli.quant.assign as A
 
     g = torch.Generator().manual_seed(9)
     x, codes = torch.randn(200, 4, generator=g), torch.randn(50, 4, generator=g)

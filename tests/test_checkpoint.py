@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from optvq_cli.errors import UserError
+from optvq_cli.core.errors import UserError
 from optvq_cli.model import PRESETS, build_model, load_model, save_model
 from optvq_cli.model import checkpoint as ckpt
-from optvq_cli.model.assign import sinkhorn_assign_plain
+from optvq_cli.quant.assign import sinkhorn_assign_plain
 
 DATA = Path(__file__).parent / "data" / "upstream"
 COMMIT = hashlib.sha1(b"optvq test snapshot").hexdigest()
@@ -332,7 +332,7 @@ def test_authors_weights_file_named_directly_uses_config_beside_it(tmp_path):
 
 
 def test_export_of_authors_model_is_inference_only(tmp_path):
-    from optvq_cli.export import export_hf
+    from optvq_cli.model.export import export_hf
 
     folder = tmp_path / "upstream"
     write_upstream_tiny(folder)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from optvq_cli.data import (
+from optvq_cli.core.errors import UserError
+from optvq_cli.train.data import (
     ArrayImages,
     BatchPlan,
     FolderImages,
@@ -21,7 +22,6 @@ from optvq_cli.data import (
     read_idx_images,
     val_batches,
 )
-from optvq_cli.errors import UserError
 
 SKIMAGE = Path(__import__("skimage").__file__).parent / "data"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")

@@ -17,8 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from optvq_cli.cli.app import app
-from optvq_cli.errors import UserError
-from optvq_cli.fileio import TMP_MARK
+from optvq_cli.core.errors import UserError
+from optvq_cli.core.fileio import TMP_MARK
 
 runner = CliRunner()
 
@@ -494,8 +494,8 @@ def test_cli_errors_are_one_line_without_traceback(tiny_model_dir, tmp_path):
 
 
 def test_default_model_name_is_one_constant():
-    from optvq_cli import codec
     from optvq_cli.cli import encode as cli_encode
+    from optvq_cli.tokenize import pipeline as codec
 
     assert cli_encode.DEFAULT_MODEL == codec.DEFAULT_MODEL == "default"
 
@@ -723,7 +723,7 @@ def test_failures_leave_the_manifest_incomplete_with_their_count(photos, tiny_mo
 def test_ctrl_c_prints_one_line_exits_130_and_the_manifest_lists_what_was_written(
     photos, tiny_model_dir, tmp_path, monkeypatch
 ):
-    from optvq_cli import codec
+    from optvq_cli.tokenize import pipeline as codec
 
     real = codec._encoded_batches
 

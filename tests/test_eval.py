@@ -18,8 +18,8 @@ from test_encode import preprocess_by_hand  # the model's protocol done independ
 from typer.testing import CliRunner
 
 from optvq_cli.cli import app
-from optvq_cli.errors import UserError
-from optvq_cli.evaluate import EvalOptions, list_images, run_eval
+from optvq_cli.core.errors import UserError
+from optvq_cli.eval.run import EvalOptions, list_images, run_eval
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
 TOP_KEYS = {"psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "count", "protocol", "heads"}
@@ -67,7 +67,7 @@ def test_eval_sees_the_pixels_encode_sees(tmp_path):
     """Eval reads images with the model's protocol (centre square, then resized; transparency on
     white): a 60 x 30 image of three stripes keeps its green middle, and an RGBA image's
     transparent half is white, as `optvq encode` sees them."""
-    from optvq_cli.evaluate import EvalImages
+    from optvq_cli.eval.run import EvalImages
 
     arr = np.zeros((30, 60, 3), dtype=np.uint8)
     arr[:, :20, 0], arr[:, 20:40, 1], arr[:, 40:, 2] = 255, 255, 255

@@ -138,9 +138,9 @@ def test_push_to_hub_uploads_the_folder(tiny_dir, tmp_path, monkeypatch):
         calls.append((Path(folder), repo_id, private, sorted(p.name for p in Path(folder).iterdir())))
         return f"https://huggingface.co/{repo_id}"
 
-    import optvq_cli.hub
+    import optvq_cli.checkpoints.hub
 
-    monkeypatch.setattr(optvq_cli.hub, "push", fake_push)
+    monkeypatch.setattr(optvq_cli.checkpoints.hub, "push", fake_push)
     out = tmp_path / "to-push"
     r = invoke("export", tiny_dir, out, "--push-to-hub", "me/optvq-tiny", "--private")
     assert r.exit_code == 0, r.output

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from optvq_cli.fileio import atomic_write, atomic_write_text, load_numpy_pickle
+from optvq_cli.core.fileio import atomic_write, atomic_write_text, load_numpy_pickle
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -53,7 +53,7 @@ def test_numpy_pickle_refuses_code():
 def test_atomic_write_gives_the_umask_mode_even_to_private_writers(tmp_path):
     import os
 
-    from optvq_cli import fileio
+    from optvq_cli.core import fileio
 
     atomic_write(tmp_path / "w.bin", lambda tmp: (tmp.write_bytes(b"x"), os.chmod(tmp, 0o600)))
     assert (tmp_path / "w.bin").stat().st_mode & 0o777 == 0o666 & ~fileio._UMASK

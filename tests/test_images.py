@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from optvq_cli.errors import UserError
-from optvq_cli.images import (
+from optvq_cli.core.errors import UserError
+from optvq_cli.core.images import (
     ImageDataset,
     ImageError,
     ImageItem,
@@ -314,7 +314,7 @@ def test_no_crop_judges_the_size_after_resizing():
 
 
 def test_check_input_is_cheap_and_says_what_is_wrong(tmp_path):
-    from optvq_cli.images import check_input
+    from optvq_cli.core.images import check_input
 
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("x")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from optvq_cli import metrics as M
-from optvq_cli.perceptual import tf_bilinear_matrix, tf_resize
+from optvq_cli.eval import metrics as M
+from optvq_cli.eval.perceptual import tf_bilinear_matrix, tf_resize
 
 
 def _photo(name: str, size: int = 64) -> torch.Tensor:

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optvq_cli.device import autocast, resolve_device, resolve_dtype
-from optvq_cli.errors import UserError
-from optvq_cli.export import describe
+from optvq_cli.core.device import autocast, resolve_device, resolve_dtype
+from optvq_cli.core.errors import UserError
 from optvq_cli.model import PRESETS, ModelConfig, OptVQModel, build_model
-from optvq_cli.model.assign import sinkhorn_assign_plain
+from optvq_cli.model.export import describe
 from optvq_cli.model.vqgan import AttnBlock, Downsample, Upsample
+from optvq_cli.quant.assign import sinkhorn_assign_plain
 
 DATA = Path(__file__).parent / "data" / "upstream"
 

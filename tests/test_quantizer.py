@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from optvq_cli import OptVQuantizer, codebook_stats
-from optvq_cli.model.assign import sinkhorn_assign_plain
+from optvq_cli.quant.assign import sinkhorn_assign_plain
 
 
 def make(n=32, e_dim=8, heads=2, **kw) -> OptVQuantizer:

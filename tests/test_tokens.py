@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from optvq_cli import fileio
-from optvq_cli import tokens as tk
-from optvq_cli.errors import UserError
+from optvq_cli.core import fileio
+from optvq_cli.core.errors import UserError
+from optvq_cli.tokenize import tokens as tk
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from optvq_cli import toy
 from optvq_cli.cli import app
-from optvq_cli.model.assign import sinkhorn_assign_plain
+from optvq_cli.quant.assign import sinkhorn_assign_plain
 
 
 @pytest.fixture(scope="module")

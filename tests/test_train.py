@@ -23,11 +23,10 @@ from test_data import photo_crops  # real-photo patches, shared with the data te
 from typer.testing import CliRunner
 
 from optvq_cli.cli import app
-from optvq_cli.data import ArrayImages, Splits
-from optvq_cli.errors import UserError
-from optvq_cli.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss
+from optvq_cli.core.errors import UserError
 from optvq_cli.model import build_model, load_model
-from optvq_cli.train import (
+from optvq_cli.train.data import ArrayImages, Splits
+from optvq_cli.train.loop import (
     Hooks,
     TrainingDiverged,
     init_codebook,
@@ -41,6 +40,7 @@ from optvq_cli.train import (
     resolve_config,
     train,
 )
+from optvq_cli.train.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss
 
 QUIET = dict(log=lambda m: None)
 
@@ -267,7 +267,7 @@ def lpips_file(tmp_path_factory) -> Path:
     """LPIPS-VGG in optvq's layout with random VGG weights (the real ones need a download)."""
     from safetensors.torch import save_file
 
-    from optvq_cli.perceptual import LPIPS
+    from optvq_cli.eval.perceptual import LPIPS
 
     torch.manual_seed(0)
     net = LPIPS("vgg")

@@ -17,9 +17,9 @@ from PIL import Image
 from test_eval import _invoke  # one in-process CLI runner for the eval and weights tests
 
 import optvq_cli.cli.weights  # noqa: F401  (registers `optvq weights` until the CLI imports it)
-from optvq_cli import weights as W
-from optvq_cli.errors import UserError
-from optvq_cli.perceptual import LPIPS, FIDInception, conv_indices, load_inception, load_lpips
+from optvq_cli.core.errors import UserError
+from optvq_cli.eval import weights as W
+from optvq_cli.eval.perceptual import LPIPS, FIDInception, conv_indices, load_inception, load_lpips
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from .. import __version__
-from ..errors import UserError
-from . import encode, eval, export, toy, train, weights  # noqa: F401  (registers the commands)
-from .app import app, error_line
+from optvq_cli import __version__
+from optvq_cli.cli import encode, eval, export, toy, train, weights  # noqa: F401  (registers the commands)
+from optvq_cli.cli.app import app, error_line
+from optvq_cli.core.errors import UserError
 
 
 def _version(value: bool) -> None:
@@ -31,7 +31,7 @@ def _root(
 ) -> None:
     """OptVQ image tokenizer."""
     if sinkhorn_chunk:
-        from ..model import assign
+        from optvq_cli.quant import assign
 
         assign.STREAM_CHUNK = sinkhorn_chunk
 

@@ -1,5 +1,5 @@
 """`optvq encode / decode / reconstruct`: images to token grids and back. Thin: parse, call
-``optvq_cli.codec``, report."""
+``optvq_cli.tokenize.pipeline``, report."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from .app import app, console, fatal
+from optvq_cli.cli.app import app, console, fatal
 
 DEFAULT_MODEL = "default"  # = codec.DEFAULT_MODEL (a test checks); repeated so --help skips numpy and Pillow
 
@@ -57,9 +57,9 @@ def _escape(text: object) -> str:
 
 def _load(ref: str, revision: str | None, device: str, recorded_in: Path | None = None) -> Any:
     """The model; ``recorded_in``: the manifest the reference came from (not the user's --model)."""
-    from ..errors import UserError
-    from ..model import load_model
-    from ..model.checkpoint import bundled_names
+    from optvq_cli.core.errors import UserError
+    from optvq_cli.model import load_model
+    from optvq_cli.model.checkpoint import bundled_names
 
     if ref == DEFAULT_MODEL and not Path(ref).exists() and DEFAULT_MODEL not in bundled_names():
         fatal("no bundled default model is installed; pass --model REF")
@@ -165,8 +165,8 @@ def encode(
 
     Unreadable inputs are reported and skipped; the run encodes the rest, then exits 1.
     """
-    from .. import codec
-    from ..images import check_input
+    from optvq_cli.core.images import check_input
+    from optvq_cli.tokenize import pipeline as codec
 
     with _interruptible():
         codec.check_options(assign, pack, not no_crop)
@@ -212,7 +212,7 @@ def decode(
 
     A bad file is reported in one line and skipped; the run decodes the rest, then exits 1.
     """
-    from .. import codec
+    from optvq_cli.tokenize import pipeline as codec
 
     with _interruptible():
         codec.check_tokens_input(tokens)  # before the slow model load
@@ -260,8 +260,8 @@ def reconstruct(
 
     OUTPUT/manifest.json records the model and settings: a rerun with others needs --overwrite.
     """
-    from .. import codec
-    from ..images import check_input
+    from optvq_cli.core.images import check_input
+    from optvq_cli.tokenize import pipeline as codec
 
     with _interruptible():
         codec.check_options(assign)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, fatal
-from .encode import DEFAULT_MODEL
+from optvq_cli.cli.app import app, console, fatal
+from optvq_cli.cli.encode import DEFAULT_MODEL
 
 N_SAMPLES = 8
 
@@ -129,7 +129,7 @@ def eval_(
 
     `torchrun --nproc_per_node N -m optvq_cli eval ...` shards the images; the figures equal one process's.
     """
-    from ..evaluate import EvalOptions, parse_metrics, run_eval, save_sample_grid, save_usage_plot, world
+    from optvq_cli.eval.run import EvalOptions, parse_metrics, run_eval, save_sample_grid, save_usage_plot, world
 
     chosen = parse_metrics(metrics)
     if model is None and against is None:
@@ -171,7 +171,7 @@ def eval_(
         return
     report = result.report
     if json_path is not None:
-        from ..fileio import atomic_write
+        from optvq_cli.core.fileio import atomic_write
 
         text = json.dumps(report, indent=2) + "\n"
         atomic_write(json_path, lambda tmp: tmp.write_text(text))

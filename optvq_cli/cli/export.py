@@ -1,4 +1,4 @@
-"""`optvq export MODEL OUT` and `optvq info MODEL`: thin wiring over optvq_cli.export and the loader."""
+"""`optvq export MODEL OUT` and `optvq info MODEL`: thin wiring over optvq_cli.model.export and the loader."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import typer
 
-from ..errors import UserError
-from ..fileio import TMP_MARK
-from .app import app, fatal
+from optvq_cli.cli.app import app, fatal
+from optvq_cli.core.errors import UserError
+from optvq_cli.core.fileio import TMP_MARK
 
 MODEL_HELP = "Model: a folder, a .safetensors file, a bundled name or a hub id (ORG/NAME)."
 PRESET_PREFIX = "preset:"  # `optvq info preset:NAME`: the preset even where a folder has its name
@@ -31,7 +31,7 @@ def parse_size(text: str | None, default: int) -> tuple[int, int]:
 
 
 def _formats(values: list[str]) -> list[str]:
-    from ..export import FORMATS
+    from optvq_cli.model.export import FORMATS
 
     out: list[str] = []
     for v in values:
@@ -53,7 +53,7 @@ def check_out(out: Path, force: bool) -> None:
     """Refuse an OUT that cannot or must not be replaced, before any work: the current folder or
     one above it, a file (or a path through one), an existing folder without --overwrite, and,
     even with it, a folder holding anything an export does not write."""
-    from ..export import looks_like_export
+    from optvq_cli.model.export import looks_like_export
 
     here, target = Path.cwd().resolve(), out.resolve()
     if here == target or target in here.parents:
@@ -96,7 +96,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _load(model: str, from_upstream: bool, revision: str | None, device: str):
-    from ..model.checkpoint import convert_upstream, load_model
+    from optvq_cli.model.checkpoint import convert_upstream, load_model
 
     if from_upstream:
         if revision is not None:
@@ -144,8 +144,8 @@ def export(
 
 
 def _export(model, out, format, dtype, from_upstream, push_to_hub, private, revision, device, size, force) -> None:
-    from ..device import resolve_dtype
-    from ..export import export_hf, export_programs
+    from optvq_cli.core.device import resolve_dtype
+    from optvq_cli.model.export import export_hf, export_programs
 
     formats = _formats(format)
     if dtype is not None:
@@ -181,14 +181,14 @@ def _export(model, out, format, dtype, from_upstream, push_to_hub, private, revi
     for line in lines:
         typer.echo(f"  {line}")
     if push_to_hub:
-        from ..hub import push
+        from optvq_cli.checkpoints.hub import push
 
         url = push(out, push_to_hub, private=private)
         typer.echo(f"pushed to {url}")
 
 
 def _describe_preset(name: str):
-    from ..model.optvq import PRESETS, build_model
+    from optvq_cli.model.optvq import PRESETS, build_model
 
     if name not in PRESETS:
         raise UserError(f"model {PRESET_PREFIX}{name}: no such preset; presets: {', '.join(PRESETS)}")
@@ -200,8 +200,8 @@ def _describe_preset(name: str):
 def _model_to_describe(ref: str, revision: str | None, device: str):
     """(model, what it is). A preset only when the reference names nothing else at all: a folder,
     file, bundled or hub model of that name, or an error loading it, wins."""
-    from ..model.checkpoint import NotFound, load_located, locate
-    from ..model.optvq import PRESETS
+    from optvq_cli.model.checkpoint import NotFound, load_located, locate
+    from optvq_cli.model.optvq import PRESETS
 
     if ref.startswith(PRESET_PREFIX):
         if revision is not None:
@@ -234,7 +234,7 @@ def info(
 
 
 def _described(m, kind: str, ref: str) -> str:
-    from ..model.optvq import PRESETS
+    from optvq_cli.model.optvq import PRESETS
 
     if kind == "preset":
         return f"{m.source}; no folder, file or hub model has that name"
@@ -245,8 +245,8 @@ def _described(m, kind: str, ref: str) -> str:
 
 
 def _info(model: str, size: str | None, revision: str | None, device: str, as_json: bool) -> None:
-    from ..device import resolve_device
-    from ..export import describe
+    from optvq_cli.core.device import resolve_device
+    from optvq_cli.model.export import describe
 
     resolve_device(device)  # a bad --device is an error, for a preset too
     m, kind = _model_to_describe(model, revision, device)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, fatal
+from optvq_cli.cli.app import app, console, fatal
 
 FIG6_PNG = "fig6_toy.png"
 FIG6_GIF = "fig6_toy.gif"
@@ -51,7 +51,7 @@ def toy(
     from rich.console import Console
     from rich.table import Table
 
-    from .. import toy as lib
+    from optvq_cli import toy as lib
 
     with console.status("training the two code tables..."):
         result = lib.run_toy(seed=seed, steps=steps)

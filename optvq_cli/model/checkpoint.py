@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from .. import hub
-from ..device import DTYPE_NAMES, resolve_device, resolve_dtype
-from ..errors import UserError, first_line
-from ..fileio import atomic_write, atomic_write_text
-from .optvq import ModelConfig, OptVQModel, build_model
+from optvq_cli.checkpoints import hub
+from optvq_cli.core.device import DTYPE_NAMES, resolve_device, resolve_dtype
+from optvq_cli.core.errors import UserError, first_line
+from optvq_cli.core.fileio import atomic_write, atomic_write_text
+from optvq_cli.model.optvq import ModelConfig, OptVQModel, build_model
 
 log = logging.getLogger("optvq")
 

@@ -16,12 +16,12 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from ..device import autocast, resolve_device
-from ..errors import UserError
-from .plain_cnn import DOWNSAMPLE as PLAIN_DOWNSAMPLE
-from .plain_cnn import PlainCNNDecoder, PlainCNNEncoder
-from .quantizer import Assign, Commitment, LossType, OptVQuantizer
-from .vqgan import GROUPS, Decoder, Encoder
+from optvq_cli.core.device import autocast, resolve_device
+from optvq_cli.core.errors import UserError
+from optvq_cli.model.plain_cnn import DOWNSAMPLE as PLAIN_DOWNSAMPLE
+from optvq_cli.model.plain_cnn import PlainCNNDecoder, PlainCNNEncoder
+from optvq_cli.model.vqgan import GROUPS, Decoder, Encoder
+from optvq_cli.quant.quantizer import Assign, Commitment, LossType, OptVQuantizer
 
 Arch = Literal["plain_cnn", "vqgan"]
 ARCHS = ("plain_cnn", "vqgan")

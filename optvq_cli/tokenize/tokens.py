@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
-from .fileio import TMP_MARK, atomic_write, atomic_write_text
+from optvq_cli.core.errors import UserError
+from optvq_cli.core.fileio import TMP_MARK, atomic_write, atomic_write_text
 
 FORMAT = "optvq-tokens"
 RECONSTRUCT_FORMAT = "optvq-reconstruct"

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UserError
-from .fileio import load_numpy_pickle
-from .images import ImageError, image_extensions, read_image
+from optvq_cli.core.errors import UserError
+from optvq_cli.core.fileio import load_numpy_pickle
+from optvq_cli.core.images import ImageError, image_extensions, read_image
 
 log = logging.getLogger("optvq")
 

@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from . import tokens as tk
-from .errors import UserError
-from .fileio import atomic_write
-from .images import (
+from optvq_cli.core.errors import UserError
+from optvq_cli.core.fileio import atomic_write
+from optvq_cli.core.images import (
     ImageDataset,
     ImageItem,
     Placement,
@@ -41,6 +40,7 @@ from .images import (
     to_pixels,
     unpad,
 )
+from optvq_cli.tokenize import tokens as tk
 
 DEFAULT_MODEL = "default"  # the bundled model's name, resolved by load_model: works offline
 ASSIGN_MODES = tk.ASSIGN_MODES
@@ -790,7 +790,7 @@ def psnr_rgb(a: np.ndarray, b: np.ndarray) -> float:
     ``eval`` command's definition, so identical images read 80 dB, not inf)."""
     import torch
 
-    from .metrics import psnr
+    from optvq_cli.eval.metrics import psnr
 
     def batch(x: np.ndarray) -> Any:
         return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].double() / 255.0

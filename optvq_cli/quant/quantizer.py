@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .assign import nearest_assign, sinkhorn_assign
+from optvq_cli.quant.assign import nearest_assign, sinkhorn_assign
 
 Assign = Literal["sinkhorn", "nearest"]
 LossType = Literal["l2", "l1", "ce"]

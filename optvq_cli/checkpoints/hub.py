@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UserError, first_line
+from optvq_cli.core.errors import UserError, first_line
 
 # What a model folder needs; README.md carries the model card.
 MODEL_FILES = ["config.json", "model.safetensors", "README.md"]

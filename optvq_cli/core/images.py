@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserError
+from optvq_cli.core.errors import UserError
 
 RESAMPLE = "bicubic"  # Pillow's bicubic resize is antialiased when shrinking
 _EXIF_ORIENTATION = 0x0112

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import UserError
+from optvq_cli.core.errors import UserError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

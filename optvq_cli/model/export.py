@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError, first_line
-from .fileio import atomic_write_text
-from .model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_model
-from .model.optvq import OptVQModel
+from optvq_cli.core.errors import UserError, first_line
+from optvq_cli.core.fileio import atomic_write_text
+from optvq_cli.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_model
+from optvq_cli.model.optvq import OptVQModel
 
 FORMATS = ("hf", "torchscript", "torch-export", "onnx")
 PROGRAM_SUFFIX = {"torchscript": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .fileio import atomic_write, load_numpy_pickle
+from optvq_cli.core.errors import UserError
+from optvq_cli.core.fileio import atomic_write, load_numpy_pickle
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -264,7 +264,7 @@ def flax_to_torchvision(tree: dict, net: str) -> dict:
     """``features.{i}.weight/bias`` (OIHW) from the Flax convs (HWIO), in torchvision's indices."""
     import torch
 
-    from .perceptual import conv_indices
+    from optvq_cli.eval.perceptual import conv_indices
 
     trunk = tree["VGG16_0" if net == "vgg" else "AlexNet_0"]
     idx = conv_indices(net)
@@ -298,7 +298,7 @@ def inception_state(data: bytes) -> dict:
 
 
 def _check_layout(state: dict, name: str) -> None:
-    from .perceptual import LPIPS, FIDInception
+    from optvq_cli.eval.perceptual import LPIPS, FIDInception
 
     module = FIDInception() if name == "inception" else LPIPS(name.split("-")[1])
     own = module.state_dict()

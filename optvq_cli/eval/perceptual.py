@@ -310,7 +310,7 @@ def load_state(module: nn.Module, path: Path, what: str) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .errors import UserError
+    from optvq_cli.core.errors import UserError
 
     try:
         state = load_file(str(path))

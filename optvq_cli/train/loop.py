@@ -35,12 +35,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import dist as D
-from .data import BatchPlan, Splits, StepBatches, make_loader, open_splits, val_batches
-from .errors import UserError
-from .fileio import atomic_write
-from .losses import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, l1_loss, l2_loss
-from .model import ModelConfig, OptVQModel, build_model, save_model
+from optvq_cli.core import dist as D
+from optvq_cli.core.errors import UserError
+from optvq_cli.core.fileio import atomic_write
+from optvq_cli.model import ModelConfig, OptVQModel, build_model, save_model
+from optvq_cli.train.data import BatchPlan, Splits, StepBatches, make_loader, open_splits, val_batches
+from optvq_cli.train.losses import (
+    PatchDiscriminator,
+    adaptive_weight,
+    generator_loss,
+    hinge_d_loss,
+    l1_loss,
+    l2_loss,
+)
 
 CONFIG_FILE = "train_config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -506,7 +513,7 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
     """Lloyd's k-means of rows x (l, d) into k centroids from k-means++ seeds; a cluster that
     empties is restarted at a random row."""
-    from .model.assign import nearest_assign
+    from optvq_cli.quant.assign import nearest_assign
 
     n = x.shape[0]
     c = kmeans_plus_plus(x, k, generator)
@@ -655,7 +662,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     ``torch.load(weights_only=True)`` (no code can run from the file)."""
     from safetensors.torch import load_file
 
-    from .model.checkpoint import WEIGHTS_NAME
+    from optvq_cli.model.checkpoint import WEIGHTS_NAME
 
     try:
         out: dict[str, Any] = {"model": load_file(str(path / WEIGHTS_NAME))}
@@ -724,7 +731,7 @@ class MetricsLog:
 
 def psnr01(x01: torch.Tensor, y01: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR as `optvq eval` reports it: BT.601 luma for RGB, the one channel for grey."""
-    from .metrics import psnr
+    from optvq_cli.eval.metrics import psnr
 
     return psnr(x01, y01, "y" if x01.shape[1] == 3 else "rgb")
 
@@ -765,7 +772,7 @@ def validate(model: OptVQModel, dataset, batch: int, device: torch.device, worke
     D.all_reduce_sum(sums)
     D.all_reduce_sum(counts)
     model.train(was)
-    from .metrics import perplexity, usage_fraction
+    from optvq_cli.eval.metrics import perplexity, usage_fraction
 
     c = counts.cpu()
     stats = {
@@ -831,7 +838,7 @@ class _Stop:
 
 
 def _device_for(spec: str) -> torch.device:
-    from .device import resolve_device
+    from optvq_cli.core.device import resolve_device
 
     dev = resolve_device(spec)
     if dev.type == "cuda" and D.env_world_size() > 1 and spec.strip().lower() in ("auto", "cuda"):
@@ -1008,7 +1015,7 @@ def _train(cfg, run_dir, resume, overwrite, splits, hooks, log, progress, device
     # -- losses ------------------------------------------------------------------------------
     perceptual = None
     if cfg.loss.perceptual > 0:
-        from .losses import perceptual_loss
+        from optvq_cli.train.losses import perceptual_loss
 
         def load_lpips():
             return perceptual_loss(cfg.loss.perceptual_net, cfg.loss.lpips_weights, device)
@@ -1314,7 +1321,7 @@ class _Window:
         self.steps += 1
 
     def flush(self, step: int, total: int, plan: BatchPlan, opt, skipped: int) -> dict[str, Any] | None:
-        from .metrics import perplexity, usage_fraction
+        from optvq_cli.eval.metrics import perplexity, usage_fraction
 
         means = {k: v / max(1, self.steps) for k, v in self.terms.items()}
         reduced = _reduce_mean(means, self.device) if means else {}

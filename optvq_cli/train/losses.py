@@ -107,8 +107,8 @@ def perceptual_loss(net: str = "vgg", weights: str | Path | None = None, device:
     """The perceptual loss factory: LPIPS-``net`` with the v0.1 weights from ``weights`` (a
     safetensors file in optvq's layout) or, when None, from optvq's weight cache (fetched when
     online; see ``optvq weights``)."""
-    from .perceptual import load_lpips
-    from .weights import locate
+    from optvq_cli.eval.perceptual import load_lpips
+    from optvq_cli.eval.weights import locate
 
     path = locate(f"lpips-{net}", Path(weights) if weights else None)
     return PerceptualLoss(load_lpips(path, net, device))

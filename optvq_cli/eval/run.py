@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from . import metrics as M
-from .errors import UserError
-from .fileio import atomic_write
-from .images import RESAMPLE, ImageError, Preprocess, image_extensions, read_image
+from optvq_cli.core.errors import UserError
+from optvq_cli.core.fileio import atomic_write
+from optvq_cli.core.images import RESAMPLE, ImageError, Preprocess, image_extensions, read_image
+from optvq_cli.eval import metrics as M
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage")
 PROTOCOLS = ("optvq", "rgb")
@@ -258,7 +258,7 @@ def _reduce(sums: Sums) -> Sums:
 
 
 def _device(spec: str) -> torch.device:
-    from .device import resolve_device
+    from optvq_cli.core.device import resolve_device
 
     rank_local = int(os.environ.get("LOCAL_RANK", "0"))
     if spec == "auto" and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -302,7 +302,7 @@ class _Perceptual:
     """The LPIPS and Inception networks that could be found; what could not, with the fix."""
 
     def __init__(self, opts: EvalOptions, wanted: list[str], device: torch.device, resolution: int, log=None):
-        from . import perceptual, weights
+        from optvq_cli.eval import perceptual, weights
 
         self.lpips = self.inception = None
         self.sha: dict[str, str] = {}
@@ -355,7 +355,7 @@ def run_eval(opts: EvalOptions, progress: Progress | None = None, log: Callable[
 
     model = None
     if opts.model is not None:
-        from .model import load_model
+        from optvq_cli.model import load_model
 
         model = load_model(opts.model, device=device, revision=opts.revision)
         model.eval()
@@ -494,7 +494,7 @@ def _codebook(sums: Sums) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _protocol(opts, nets: _Perceptual, model, resolution: int, channel: str, world_size: int, ref_loaded) -> dict:
-    from . import __version__
+    from optvq_cli import __version__
 
     p: dict[str, Any] = {
         "name": opts.protocol,
@@ -509,7 +509,7 @@ def _protocol(opts, nets: _Perceptual, model, resolution: int, channel: str, wor
             "channel": "Y of YCbCr (BT.601, studio swing)" if channel == "y" else "RGB",
             "data_range": 1.0,
             "mse_eps": M.PSNR_EPS,
-            "backend": "optvq_cli.metrics.psnr (pyiqa's definition)",
+            "backend": "optvq_cli.eval.metrics.psnr (pyiqa's definition)",
         },
         "ssim": {
             "channel": "Y of YIQ (0.299 R + 0.587 G + 0.114 B)" if channel == "y" else "RGB, per channel, averaged",
@@ -517,7 +517,7 @@ def _protocol(opts, nets: _Perceptual, model, resolution: int, channel: str, wor
             "window": f"Gaussian {M.SSIM_WINDOW}x{M.SSIM_WINDOW}, sigma {M.SSIM_SIGMA}, valid (no padding)",
             "k1_k2": [M.SSIM_K1, M.SSIM_K2],
             "contrast_structure": "clipped at 0 (pyiqa)",
-            "backend": "optvq_cli.metrics.ssim (pyiqa's definition)",
+            "backend": "optvq_cli.eval.metrics.ssim (pyiqa's definition)",
         },
         "lpips": {
             "version": "0.1",

@@ -1,0 +1,2 @@
+"""Plumbing every job shares: errors, atomic files and the numpy-only unpickler, image reading,
+devices and dtypes, torch.distributed helpers. Imports nothing else of optvq."""
