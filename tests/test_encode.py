@@ -493,13 +493,6 @@ def test_cli_errors_are_one_line_without_traceback(tiny_model_dir, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "made by another model" in lines[0]
 
 
-def test_default_model_name_is_one_constant():
-    from optvq_cli.cli import encode as cli_encode
-    from optvq_cli.tokenize import pipeline as codec
-
-    assert cli_encode.DEFAULT_MODEL == codec.DEFAULT_MODEL == "default"
-
-
 # ---------------------------------------------------------------- QA findings (issue 4): OUTPUT safety
 
 

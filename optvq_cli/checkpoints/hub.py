@@ -10,12 +10,12 @@ import os
 import re
 from pathlib import Path
 
+from optvq_cli.core import fileio
 from optvq_cli.core.errors import UserError, first_line
 
 # What a model folder needs; README.md carries the model card.
 MODEL_FILES = ["config.json", "model.safetensors", "README.md"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_TRUE = {"1", "on", "yes", "true"}
 
 
 def looks_like_repo_id(ref: str) -> bool:
@@ -23,11 +23,10 @@ def looks_like_repo_id(ref: str) -> bool:
 
 
 def offline() -> bool:
-    """HF_HUB_OFFLINE=1 (or huggingface_hub's own flag): use the cache, never the network."""
+    """The one offline switch (OPTVQ_OFFLINE / HF_HUB_OFFLINE), or huggingface_hub's own flag."""
     from huggingface_hub import constants
 
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return env.strip().lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+    return fileio.offline() or bool(constants.HF_HUB_OFFLINE)
 
 
 def cache_dir() -> Path:

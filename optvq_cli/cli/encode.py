@@ -10,9 +10,8 @@ from typing import Any
 
 import typer
 
+from optvq_cli.checkpoints import DEFAULT_MODEL
 from optvq_cli.cli.app import app, console, fatal
-
-DEFAULT_MODEL = "default"  # = codec.DEFAULT_MODEL (a test checks); repeated so --help skips numpy and Pillow
 
 _MODEL_HELP = "Model: a bundled name, a local folder, or a Hugging Face repo id."
 

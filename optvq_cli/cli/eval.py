@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
+from optvq_cli.checkpoints import DEFAULT_MODEL
 from optvq_cli.cli.app import app, console, fatal
-from optvq_cli.cli.encode import DEFAULT_MODEL
 
 N_SAMPLES = 8
 

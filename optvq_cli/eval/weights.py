@@ -32,10 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from optvq_cli.core import fileio
 from optvq_cli.core.errors import UserError
-from optvq_cli.core.fileio import atomic_write, load_numpy_pickle
-
-_TRUE = {"1", "on", "yes", "true"}
+from optvq_cli.core.fileio import atomic_write, load_numpy_pickle, sha256_file
 
 
 @dataclass(frozen=True)
@@ -121,11 +120,6 @@ class WeightsUnavailable(UserError):
     """A perceptual network's weights cannot be found; the message is one line with the fix."""
 
 
-def offline_mode() -> bool:
-    """OPTVQ_OFFLINE=1: never run pip; use explicit paths, the cache and installed packages."""
-    return os.environ.get("OPTVQ_OFFLINE", "").strip().lower() in _TRUE
-
-
 def cache_dir() -> Path:
     """``$OPTVQ_CACHE/weights``, else ``$XDG_CACHE_HOME/optvq/weights``, else ``~/.cache/optvq/weights``."""
     if os.environ.get("OPTVQ_CACHE"):
@@ -136,14 +130,6 @@ def cache_dir() -> Path:
 
 def cached_path(name: str) -> Path:
     return cache_dir() / NETWORKS[name].file
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sha256(data: bytes) -> str:
@@ -340,7 +326,7 @@ def fetch(
             raise UserError(f"unknown network {n!r}; choose from {', '.join(NETWORKS)}")
     if from_dir is not None and not from_dir.is_dir():
         raise UserError(f"--from {from_dir}: not a folder")
-    offline = offline_mode() if offline is None else offline
+    offline = fileio.offline() if offline is None else offline
     done: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="optvq-weights-") as tmp:
         sources = _Sources(from_dir, offline, log, Path(tmp))
@@ -397,7 +383,7 @@ def locate(
     path = cached_path(name)
     if path.is_file():
         return path
-    offline = offline_mode() if offline is None else offline
+    offline = fileio.offline() if offline is None else offline
     if offline:
         raise WeightsUnavailable(
             f"{net.description} weights are not in {cache_dir()}: run `optvq weights fetch` "

@@ -18,7 +18,6 @@ the same weights dtype, gives the same file and the same identity.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ import torch
 from optvq_cli.checkpoints import hub
 from optvq_cli.core.device import DTYPE_NAMES, resolve_device, resolve_dtype
 from optvq_cli.core.errors import UserError, first_line
-from optvq_cli.core.fileio import atomic_write, atomic_write_text
+from optvq_cli.core.fileio import atomic_write, atomic_write_text, sha256_file
 from optvq_cli.model.optvq import ModelConfig, OptVQModel, build_model
 
 log = logging.getLogger("optvq")
@@ -55,16 +54,6 @@ _BUNDLED_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 
 
 # -- small helpers -------------------------------------------------------------------------------
-def sha256_file(path: str | Path) -> str:
-    """The file's sha256. A huggingface_hub cache blob is named by it: that name is used as is."""
-    real = Path(path).resolve()
-    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
-        return real.name
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shape(shape) -> str:

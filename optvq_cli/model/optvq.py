@@ -21,13 +21,13 @@ from optvq_cli.core.errors import UserError
 from optvq_cli.model.plain_cnn import DOWNSAMPLE as PLAIN_DOWNSAMPLE
 from optvq_cli.model.plain_cnn import PlainCNNDecoder, PlainCNNEncoder
 from optvq_cli.model.vqgan import GROUPS, Decoder, Encoder
+from optvq_cli.quant import ASSIGN_MODES
 from optvq_cli.quant.quantizer import Assign, Commitment, LossType, OptVQuantizer
 
 Arch = Literal["plain_cnn", "vqgan"]
 ARCHS = ("plain_cnn", "vqgan")
 LOSS_TYPES = get_args(LossType)
 COMMITMENTS = get_args(Commitment)
-ASSIGNS = get_args(Assign)
 _TUPLE_FIELDS = ("ch_mult", "attn_resolutions", "cnn_widths")
 _FLOAT_FIELDS = ("dropout", "beta", "epsilon")
 _INT_FIELDS = ("in_channels", "out_channels", "resolution", "ch", "num_res_blocks", "z_channels")
@@ -114,7 +114,7 @@ class ModelConfig:
             raise ValueError(f"beta={self.beta} must be >= 0")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        for name, allowed in (("loss_type", LOSS_TYPES), ("commitment", COMMITMENTS), ("assign", ASSIGNS)):
+        for name, allowed in (("loss_type", LOSS_TYPES), ("commitment", COMMITMENTS), ("assign", ASSIGN_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("use_connector", "use_proj"):

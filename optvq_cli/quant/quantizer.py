@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optvq_cli.quant import ASSIGN_MODES
 from optvq_cli.quant.assign import nearest_assign, sinkhorn_assign
 
-Assign = Literal["sinkhorn", "nearest"]
+Assign = Literal[ASSIGN_MODES]  # type: ignore[valid-type]  (the one list, in quant/__init__)
 LossType = Literal["l2", "l1", "ce"]
 Commitment = Literal["authors", "paper"]
 

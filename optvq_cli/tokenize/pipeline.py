@@ -40,10 +40,10 @@ from optvq_cli.core.images import (
     to_pixels,
     unpad,
 )
+from optvq_cli.core.walk import iter_files
+from optvq_cli.quant import ASSIGN_MODES
 from optvq_cli.tokenize import tokens as tk
 
-DEFAULT_MODEL = "default"  # the bundled model's name, resolved by load_model: works offline
-ASSIGN_MODES = tk.ASSIGN_MODES
 Progress = Callable[[int, int, int], None]  # (images finished so far, total, how many of those were already done)
 OnFailure = Callable[[str, str], None]  # (path, reason)
 
@@ -552,9 +552,7 @@ def _walk_npy(folder: Path, unreadable: list[tuple[str, str]]) -> Iterator[Path]
         why = "permission denied" if isinstance(e, PermissionError) else (e.strerror or type(e).__name__)
         unreadable.append((str(e.filename), f"cannot read this folder ({why}); its token files were skipped"))
 
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield from (Path(dirpath, f) for f in sorted(filenames) if f.endswith(".npy") and not f.startswith("."))
+    yield from iter_files(folder, {".npy"}, on_error=onerror)
 
 
 @dataclass

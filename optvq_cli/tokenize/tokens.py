@@ -22,6 +22,7 @@ import numpy as np
 
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import TMP_MARK, atomic_write, atomic_write_text
+from optvq_cli.quant import ASSIGN_MODES
 
 FORMAT = "optvq-tokens"
 RECONSTRUCT_FORMAT = "optvq-reconstruct"
@@ -30,7 +31,6 @@ MANIFEST = "manifest.json"
 PACKED = "tokens.npy"
 PATHS = "paths.txt"
 LAYOUTS = ("files", "packed")
-ASSIGN_MODES = ("nearest", "sinkhorn")
 _NPY_MAGIC = b"\x93NUMPY"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import os
 import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from optvq_cli.core.errors import UserError
-from optvq_cli.core.fileio import load_numpy_pickle
+from optvq_cli.core.fileio import load_numpy_pickle, offline
 from optvq_cli.core.images import ImageError, image_extensions, read_image
+from optvq_cli.core.walk import walk_files
 
 log = logging.getLogger("optvq")
 
@@ -263,10 +263,6 @@ def _expected_files(kind: str, root: Path) -> str:
     return f"{root}/{sub}/{IDX_TRAIN}[.gz] and {IDX_TEST}[.gz] (or the same files directly in {root})"
 
 
-def offline() -> bool:
-    return os.environ.get("OPTVQ_OFFLINE", "").strip().lower() in {"1", "on", "yes", "true"}
-
-
 def download(kind: str, root: Path) -> None:
     """Fetch a small data set with torchvision's downloader (checksums verified), into torchvision's
     layout under ``root``. Only the archives are fetched; nothing is unpickled here."""
@@ -371,12 +367,8 @@ def _small_dataset(
 
 
 def _list_images(folder: Path) -> list[Path]:
-    exts = image_extensions()
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if Path(f).suffix.lower() in exts)
-    return sorted(found)
+    """The one folder walk (core.walk): the images `encode` and `eval` see in the same folder."""
+    return walk_files(folder, image_extensions())
 
 
 def _folder_dataset(
@@ -450,7 +442,7 @@ def open_splits(
         return splits
     expected = _expected_files(kind, root)
     if not allow_download or offline():
-        why = "offline (OPTVQ_OFFLINE is set)" if offline() else "downloads are off (data.download=false)"
+        why = "offline (OPTVQ_OFFLINE / HF_HUB_OFFLINE)" if offline() else "downloads are off (data.download=false)"
         raise UserError(f"--data {root}: no {kind} files; expected {expected}; {why}")
     try:
         download(kind, root)

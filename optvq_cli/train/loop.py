@@ -837,15 +837,6 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def _device_for(spec: str) -> torch.device:
-    from optvq_cli.core.device import resolve_device
-
-    dev = resolve_device(spec)
-    if dev.type == "cuda" and D.env_world_size() > 1 and spec.strip().lower() in ("auto", "cuda"):
-        dev = torch.device("cuda", D.local_rank())  # torchrun: one GPU per process
-    return dev
-
-
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp32":
         return None
@@ -952,7 +943,7 @@ def train(
     Raises UserError for bad input, TrainingDiverged after ``max_bad_steps`` non-finite steps in
     a row."""
     run_dir = Path(run_dir)
-    device = _device_for(cfg.device)
+    device = D.device_for(cfg.device)
     own_group = D.init_from_env(device)
     try:
         with ExitStack() as cleanup:
