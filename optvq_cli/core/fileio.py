@@ -93,3 +93,13 @@ def offline() -> bool:
     """The one offline switch: ``OPTVQ_OFFLINE`` or ``HF_HUB_OFFLINE`` set to 1 / on / yes / true.
     Offline, nothing is downloaded (hub models, perceptual weights, data sets); caches still serve."""
     return any(os.environ.get(k, "").strip().lower() in TRUTHY for k in ("OPTVQ_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """The one safetensors writer: atomic, with the usual file mode, and bytes that depend on the
+    tensors and ``metadata`` alone (safetensors orders tensors itself; keep ``metadata`` to one key,
+    or insert keys in a fixed order, for a reproducible header)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
