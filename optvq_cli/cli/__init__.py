@@ -7,7 +7,7 @@ import typer
 from optvq_cli import __version__
 from optvq_cli.cli import encode, eval, export, toy, train, weights  # noqa: F401  (registers the commands)
 from optvq_cli.cli.app import app, error_line
-from optvq_cli.core.errors import UserError
+from optvq_cli.core.errors import first_line
 
 
 def _version(value: bool) -> None:
@@ -37,12 +37,24 @@ def _root(
 
 
 def main() -> None:
+    """Run the CLI. A library error (ValueError, OSError, MemoryError) becomes one ``error:`` line
+    and exit 1; ``OPTVQ_DEBUG=1`` shows the traceback instead."""
+    import os
+
+    if os.environ.get("OPTVQ_DEBUG", "").strip().lower() in {"1", "on", "yes", "true"}:
+        app()
+        return
     try:
         app()
-    except UserError as e:  # a user's mistake raised below the CLI: one line, exit 1
-        error_line(str(e))
+    except ValueError as e:  # bad input raised below the CLI: its message names the file and the fix
+        error_line(first_line(e))
         raise SystemExit(1) from None
-    except OSError as e:  # a path the user gave that cannot be written or read (permissions, a file as folder)
-        where = f"{e.filename}: " if e.filename else ""
-        error_line(f"{where}{e.strerror or e}; check the path and its permissions")
+    except OSError as e:  # a path that cannot be written or read (permissions, a file as folder)
+        if e.filename:
+            error_line(f"{e.filename}: {e.strerror or first_line(e)}; check the path and its permissions")
+        else:
+            error_line(first_line(e))
+        raise SystemExit(1) from None
+    except MemoryError:
+        error_line("out of memory: lower --batch-size (or the image size) and run again")
         raise SystemExit(1) from None

@@ -1,8 +1,9 @@
-"""One exception for a user's mistake. The CLI prints its message as one line and exits 1."""
+"""Errors. Library code raises ordinary exceptions (ValueError, FileNotFoundError, OSError and
+their subclasses) whose message is one line naming the file or flag and the fix; the CLI prints it."""
 
 
-class UserError(Exception):
-    """Bad input from the user (a file, a flag, a missing download): message says what and how to fix."""
+class UserError(ValueError):
+    """Bad input (a file, a flag, a missing download). A ValueError, so library callers catch it as one."""
 
 
 def first_line(e: BaseException) -> str:
