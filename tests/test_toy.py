@@ -183,6 +183,10 @@ def test_cli_gif_and_overwrite(tmp_path):
     forced = runner.invoke(app, [*args, "--overwrite"])
     assert forced.exit_code == 0, forced.output
     assert _files(out) == ["fig6_toy.gif", "fig6_toy.png", "fig9_sinkhorn.png"]
+    # --overwrite without --gif: the earlier animation no longer matches the figures, so it goes
+    plain = runner.invoke(app, ["toy", "--out", str(out), "--steps", "5", "--seed", "2", "--overwrite"])
+    assert plain.exit_code == 0, plain.output
+    assert _files(out) == ["fig6_toy.png", "fig9_sinkhorn.png"]
 
 
 def test_cli_bad_out_and_bad_steps(tmp_path):

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
+from typer import Abort
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 from optvq_cli import __version__
 from optvq_cli.cli import encode, eval, export, toy, train, weights  # noqa: F401  (registers the commands)
@@ -37,24 +45,34 @@ def _root(
 
 
 def main() -> None:
-    """Run the CLI. A library error (ValueError, OSError, MemoryError) becomes one ``error:`` line
-    and exit 1; ``OPTVQ_DEBUG=1`` shows the traceback instead."""
-    import os
-
-    if os.environ.get("OPTVQ_DEBUG", "").strip().lower() in {"1", "on", "yes", "true"}:
-        app()
-        return
+    """Run the CLI. A usage mistake (missing argument, unknown option, bad value) and a library error
+    (ValueError, OSError, MemoryError) become one ``error:`` line and a non-zero exit;
+    ``OPTVQ_DEBUG=1`` shows the traceback of a library error instead."""
+    debug = os.environ.get("OPTVQ_DEBUG", "").strip().lower() in {"1", "on", "yes", "true"}
     try:
-        app()
-    except ValueError as e:  # bad input raised below the CLI: its message names the file and the fix
-        error_line(first_line(e))
-        raise SystemExit(1) from None
-    except OSError as e:  # a path that cannot be written or read (permissions, a file as folder)
-        if e.filename:
-            error_line(f"{e.filename}: {e.strerror or first_line(e)}; check the path and its permissions")
-        else:
-            error_line(first_line(e))
-        raise SystemExit(1) from None
-    except MemoryError:
-        error_line("out of memory: lower --batch-size (or the image size) and run again")
-        raise SystemExit(1) from None
+        code = app(standalone_mode=False, prog_name="optvq")
+    except NoArgsIsHelpError as e:
+        e.show()
+        code = e.exit_code
+    except ClickException as e:  # typer's parsing: one line instead of a box, and where help is
+        where = f"; see `{e.ctx.command_path} --help`" if getattr(e, "ctx", None) is not None else ""
+        error_line(f"{e.format_message().rstrip('.')}{where}")
+        code = e.exit_code
+    except Abort:
+        error_line("interrupted")
+        code = 130
+    except (ValueError, OSError, MemoryError) as e:
+        if debug:
+            raise
+        error_line(_library_error(e))
+        code = 1
+    raise SystemExit(code or 0)
+
+
+def _library_error(e: BaseException) -> str:
+    """One line for an error raised below the CLI: its message names the file and the fix."""
+    if isinstance(e, MemoryError):
+        return "out of memory: lower --batch-size (or the image size) and run again"
+    if isinstance(e, OSError) and e.filename:  # a path that cannot be read or written
+        return f"{e.filename}: {e.strerror or first_line(e)}; check the path and its permissions"
+    return first_line(e)

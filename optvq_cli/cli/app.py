@@ -14,6 +14,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags show no value placeholder, as they take none
 )
 console = Console(stderr=True)
 
@@ -27,7 +28,3 @@ def fatal(message: str, code: int = 1) -> NoReturn:
     """One clear line on stderr and a non-zero exit: for a user's mistake, never a traceback."""
     error_line(message)
     raise typer.Exit(code)
-
-
-def not_yet(command: str, issue: int) -> NoReturn:
-    fatal(f"`optvq {command}` is not implemented yet (tracked in issue {issue})", code=2)

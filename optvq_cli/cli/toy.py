@@ -47,6 +47,8 @@ def toy(
     """
     targets = _targets(out, gif)
     _prepare_out(out, targets, overwrite)
+    if overwrite and not gif:  # an earlier --gif run's animation would no longer match the new figures
+        (out / FIG6_GIF).unlink(missing_ok=True)
 
     from rich.console import Console
     from rich.table import Table

@@ -1,0 +1,57 @@
+"""The command line's own behaviour: one-line usage errors, plain help, library errors as one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+OPTVQ = [sys.executable, "-m", "optvq_cli"]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*OPTVQ, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["encode"], "Missing argument 'input'"),
+        (["encode", "a", "b", "--bogus"], "No such option: --bogus"),
+        (["toy", "--steps", "0"], "--steps"),
+        (["nosuchcommand"], "No such command"),
+    ],
+)
+def test_usage_mistakes_are_one_line(args, says):
+    res = _run(*args)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error:") and says in lines[0]
+    assert "--help" in lines[0] and "╭" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_flags_show_no_value_placeholder():
+    res = _run("toy", "--help")
+    assert res.returncode == 0
+    gif = next(ln for ln in res.stdout.splitlines() if "--gif" in ln)
+    assert "<bool>" not in res.stdout and "BOOLEAN" not in gif
+    steps = next(ln for ln in res.stdout.splitlines() if "--steps" in ln)
+    assert "int" in steps.lower()  # options that take a value still say what kind
+
+
+def test_library_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    missing = tmp_path / "nothing-here.jpg"
+    res = _run("encode", str(missing), str(tmp_path / "out"))
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error:") and str(missing) in res.stderr
+    debug = _run("encode", str(missing), str(tmp_path / "out"), env={"OPTVQ_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_no_arguments_prints_help():
+    res = _run()
+    assert "Usage: optvq" in res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
