@@ -13,7 +13,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from optvq_cli import __version__
-from optvq_cli.cli import encode, eval, export, toy, train, weights  # noqa: F401  (registers the commands)
+from optvq_cli.cli import encode, eval, export, tokens, toy, train, weights  # noqa: F401  (registers the commands)
 from optvq_cli.cli.app import app, error_line
 from optvq_cli.core.errors import first_line
 

@@ -98,8 +98,15 @@ def offline() -> bool:
 def write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
     """The one safetensors writer: atomic, with the usual file mode, and bytes that depend on the
     tensors and ``metadata`` alone (safetensors orders tensors itself; keep ``metadata`` to one key,
-    or insert keys in a fixed order, for a reproducible header)."""
-    from safetensors.torch import save_file
+    or insert keys in a fixed order, for a reproducible header). Takes torch tensors or numpy arrays."""
+    import numpy as np
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    if tensors and all(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save_file
+
+        data = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    else:
+        from safetensors.torch import save_file
+
+        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=metadata))
