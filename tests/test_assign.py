@@ -175,8 +175,9 @@ def test_empty_pool():
     assert nearest_assign(torch.empty(0, 3), torch.randn(4, 3)).numel() == 0
 
 
-def test_process_wide_streaming_switch(monkeypatch):
+def test_quantizer_chunk_size_streams(monkeypatch):
     import optvq_cli.quant.assign as A
+    from optvq_cli import OptVQuantizer
 
     g = torch.Generator().manual_seed(9)
     x, codes = torch.randn(200, 4, generator=g), torch.randn(50, 4, generator=g)
@@ -188,7 +189,12 @@ def test_process_wide_streaming_switch(monkeypatch):
         return real(self, s, e, out)
 
     monkeypatch.setattr(A._Pairs, "dist", spy)
-    monkeypatch.setattr(A, "STREAM_CHUNK", 16)
-    idx = sinkhorn_assign(x, codes)
+    q = OptVQuantizer(n_codes=50, e_dim=4, heads=1, chunk_size=16)
+    idx = q.assign_indices(x, codes)
     assert max(seen) == 16  # blocks of the streaming size, not one 200-row matrix
     assert agreement(idx, sinkhorn_assign_plain(x, codes)) >= 0.999
+    seen.clear()
+    q.chunk_size = None  # the attribute is read at each call: back to one dense 200-row matrix
+    q.assign_indices(x, codes)
+    assert max(seen) == 200
+    assert not hasattr(A, "STREAM_CHUNK")  # no process-wide switch

@@ -26,8 +26,6 @@ STD_EPS = 1e-6
 SUM_EPS = 1e-8
 # Above this many bytes for one fp32 l x n matrix, sinkhorn_assign streams instead.
 DEFAULT_MAX_BYTES = 2 * 1024**3
-# Process-wide streaming default for calls that pass no chunk_size (`optvq --sinkhorn-chunk N`).
-STREAM_CHUNK: int | None = None
 _V_MAX = 1e30  # keeps a code that nothing reaches from overflowing its scaling
 
 
@@ -165,7 +163,7 @@ def sinkhorn_assign(
     times: each code's mass to 1/n, each vector's mass to 1/l (with the authors' +1e-8 guards).
 
     ``chunk_size=None`` holds one l x n fp32 matrix when it fits ``max_bytes`` (default 2 GiB) and
-    otherwise streams; a ``chunk_size`` (or the process-wide ``STREAM_CHUNK``) always streams:
+    otherwise streams; a ``chunk_size`` always streams (``OptVQuantizer.chunk_size`` passes one):
     distances are recomputed block by block on every pass and only the per-vector and per-code
     scalings are kept, O((l + n) d + chunk n) memory.
     ``distributed=None`` reduces across ranks whenever torch.distributed is initialized.
@@ -174,7 +172,6 @@ def sinkhorn_assign(
     group = _default_group(distributed)
     if x.shape[0] == 0 and group is None:
         return torch.empty(0, dtype=torch.long, device=x.device)
-    chunk_size = chunk_size or STREAM_CHUNK
     with _flush_denormals(x.device):
         return _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes or DEFAULT_MAX_BYTES, group)
 

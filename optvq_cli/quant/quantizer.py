@@ -86,7 +86,9 @@ class OptVQuantizer(nn.Module):
     ``e_dim // heads`` channels that share one codebook of ``n_codes`` codes.
 
     ``forward`` returns (z_q with straight-through gradient, loss, indices); indices are shaped
-    (B, heads, H, W) for images and (B, heads, T) for sequences.
+    (B, heads, H, W) for images and (B, heads, T) for sequences. ``chunk_size`` (an attribute, read
+    at every call; ``optvq --sinkhorn-chunk N`` sets it on a loaded model) makes the Sinkhorn
+    assignment stream in blocks of that many rows; None streams only above 2 GiB.
     """
 
     def __init__(
