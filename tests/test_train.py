@@ -25,22 +25,13 @@ from typer.testing import CliRunner
 from optvq_cli.cli import app
 from optvq_cli.core.errors import UserError
 from optvq_cli.model import build_model, load_model
+from optvq_cli.train.codebook import init_codebook, kmeans
+from optvq_cli.train.config import learning_rate, load_run_config, parse_sets, read_config_file, resolve_config
 from optvq_cli.train.data import ArrayImages, Splits
-from optvq_cli.train.loop import (
-    Hooks,
-    TrainingDiverged,
-    init_codebook,
-    kmeans,
-    learning_rate,
-    list_checkpoints,
-    load_run_config,
-    param_groups,
-    parse_sets,
-    read_config_file,
-    resolve_config,
-    train,
-)
+from optvq_cli.train.loop import Hooks, TrainingDiverged, train
 from optvq_cli.train.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss
+from optvq_cli.train.optim import param_groups
+from optvq_cli.train.run import list_checkpoints
 
 QUIET = dict(log=lambda m: None)
 
@@ -492,9 +483,101 @@ def test_cli_trains_refuses_overwrite_and_resume_changes(tmp_path):
 
     code, err = _cli(*args)
     assert code == 1 and "--resume" in err and "--overwrite" in err
-    code, err = _cli("train", "--resume", run, "--steps", "5")
-    assert code == 1 and "--steps" in err
+    code, err = _cli("train", "--resume", run, "--batch-size", "8")
+    assert code == 1 and "--batch-size" in err
     code, err = _cli("train", "--data", data, "--out", tmp_path / "x")
     assert code == 1 and "--preset" in err
     code, err = _cli("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "y", "--set", "epochs=0")
     assert code == 1 and "epochs" in err
+
+
+def test_resume_with_more_steps_extends_a_finished_run(tmp_path):
+    data = write_photo_dir(tmp_path / "photos", 6)
+    run = tmp_path / "run"
+    args = ["--preset", "tiny", "--data", data, "--out", run, "--batch-size", "4", "-q", "--set", "val_every=0"]
+    code, err = _cli("train", *args, "--steps", "2", "--set", "log_every=1")
+    assert code == 0, err
+    code, err = _cli("train", "--resume", run, "--steps", "4", "-q")
+    assert code == 0, err
+    assert load_run_config(run).steps == 4 and [s for s, _ in list_checkpoints(run)][-1] == 4
+    lrs = {r["step"]: r["lr"] for r in rows(run)}
+    assert sorted(lrs) == [1, 2, 3, 4]
+    # steps 3 and 4 follow the 4-step OneCycle schedule (torch's own scheduler as the reference)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    lr = learning_rate(load_run_config(run))
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=4, pct_start=0.01, anneal_strategy="cos")
+    expected = []
+    for _ in range(4):
+        opt.step()
+        ref.step()
+        expected.append(opt.param_groups[0]["lr"])
+    assert lrs[3] == pytest.approx(expected[2]) and lrs[4] == pytest.approx(expected[3])
+    code, err = _cli("train", "--resume", run, "--steps", "3")
+    assert code == 1 and "step 4" in err
+
+
+@pytest.mark.parametrize(
+    "data, extra",
+    [
+        ("missing", []),
+        ("apple.jpg", []),
+        ("photos", ["--batch-size", "64"]),
+    ],
+)
+def test_failed_start_up_writes_nothing(tmp_path, data, extra):
+    write_photo_dir(tmp_path / "photos", 6)
+    (tmp_path / "apple.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    run = tmp_path / "run"
+    code, err = _cli("train", "--preset", "tiny", "--data", tmp_path / data, "--out", run, "--steps", "1", *extra)
+    assert code == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip().splitlines()[-1]]
+    assert not run.exists()  # a corrected rerun needs no --overwrite or --resume
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_learning_rate_must_be_finite_and_positive(value):
+    with pytest.raises(UserError, match="optim.lr") as e:
+        resolve_config("tiny", sets=parse_sets([f"optim.lr={value}"]))
+    assert "\n" not in str(e.value)
+
+
+def test_validation_psnr_is_evals_psnr(tmp_path):
+    """The loop's val row and `optvq eval` of the saved model on the same images, with the same
+    assignment and batch (one Sinkhorn pool), agree to 1e-6 dB."""
+    px = torch.from_numpy(photo_crops(14, 32))
+    splits = Splits(ArrayImages(px[:8], "train"), ArrayImages(px[8:], "val"), "array", "photos")
+    cfg = quick("tiny", tmp_path, 1, val_batch_size=6, batch_size=4)
+    train(cfg, tmp_path / "run", splits=splits, **QUIET)
+    val = rows(tmp_path / "run", "val")[-1]
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i, p in enumerate(px[8:]):
+        Image.fromarray(p.permute(1, 2, 0).numpy()).save(folder / f"v{i}.png")
+    report = tmp_path / "report.json"
+    args = ["eval", folder, "--model", tmp_path / "run" / "model", "--metrics", "psnr", "--size", "32"]
+    code, err = _cli(*args, "--assign", val["assign"], "--batch-size", "6", "--json", report, "--device", "cpu")
+    assert code == 0, err
+    got = json.loads(report.read_text())
+    assert val["images"] == got["count"] == 6
+    assert abs(val["psnr"] - got["psnr"]) < 1e-6
+
+
+def test_mnist_validation_psnr_is_evals_psnr_on_the_test_digits(tmp_path):
+    """28 x 28 digits resized to 32 by the loader and by eval alike: the same figure."""
+    data = write_mnist_dir(tmp_path / "mnist", n_train=16, n_test=4)
+    cfg = quick("mnist", data, 1, batch_size=8, val_batch_size=4)
+    train(cfg, tmp_path / "run", **QUIET)
+    val = rows(tmp_path / "run", "val")[-1]
+    raw = (data / "t10k-images-idx3-ubyte").read_bytes()[16:]
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i in range(4):
+        digit = torch.frombuffer(bytearray(raw[i * 784 : (i + 1) * 784]), dtype=torch.uint8).reshape(28, 28)
+        Image.fromarray(digit.numpy()).save(folder / f"d{i}.png")
+    report = tmp_path / "report.json"
+    args = ["eval", folder, "--model", tmp_path / "run" / "model", "--metrics", "psnr", "--size", "32"]
+    code, err = _cli(*args, "--assign", val["assign"], "--batch-size", "4", "--json", report, "--device", "cpu")
+    assert code == 0, err
+    got = json.loads(report.read_text())
+    assert val["images"] == got["count"] == 4
+    assert abs(val["psnr"] - got["psnr"]) < 1e-6

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from optvq_cli.cli.app import app, console, fatal
+from optvq_cli.cli.progress import ProgressBar
 
 _QUANTIZERS = ("optvq", "vq")
 
@@ -34,7 +35,12 @@ def train(
     ),
     quantizer: str = typer.Option(None, "--quantizer", help="optvq (Sinkhorn, the paper) or vq (nearest baseline)."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Passes over the training set."),
-    steps: int = typer.Option(None, "--steps", min=1, help="Optimizer steps in all (overrides --epochs)."),
+    steps: int = typer.Option(
+        None,
+        "--steps",
+        min=1,
+        help="Optimizer steps in all (overrides --epochs); with --resume, extends a run to this length.",
+    ),
     batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Global batch size per step."),
     seed: int = typer.Option(None, "--seed", help="Random seed (weights, data order, augmentation)."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
@@ -45,7 +51,7 @@ def train(
     """Train a tokenizer: `optvq train --preset mnist --data DIR --out RUN`; multi-GPU with
     `torchrun --nproc_per_node N -m optvq_cli train ...`; continue with `--resume RUN`."""
     from optvq_cli.core.errors import UserError
-    from optvq_cli.train.loop import load_run_config, parse_sets, read_config_file, resolve_config
+    from optvq_cli.train.config import load_run_config, parse_sets, read_config_file, resolve_config
 
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -56,8 +62,6 @@ def train(
                 "--config": config,
                 "--set": set_ or None,
                 "--quantizer": quantizer,
-                "--epochs": epochs,
-                "--steps": steps,
                 "--batch-size": batch_size,
                 "--seed": seed,
             }
@@ -65,9 +69,11 @@ def train(
             if given:
                 fatal(
                     f"--resume continues {resume} with its saved config; {', '.join(given)} cannot change it "
-                    "(only --data and --device can)"
+                    "(only --data, --device, and --steps / --epochs to extend it, can)"
                 )
             cfg = load_run_config(resume)
+            if steps is not None or epochs is not None:  # extend the schedule to the new length
+                cfg.steps, cfg.epochs = steps, epochs if epochs is not None else cfg.epochs
             if data is not None:
                 cfg.data.path = data
             if device is not None:
@@ -98,10 +104,12 @@ def train(
         from optvq_cli.train.loop import format_summary
         from optvq_cli.train.loop import train as run_training
 
-        result = run_training(
-            cfg, run_dir, resume=resume is not None, overwrite=overwrite, log=_say if not quiet else lambda m: None,
-            progress=None if quiet else console,
-        )  # fmt: skip
+        log = _say if not quiet else lambda m: None
+        with ProgressBar("train", console, unit="steps", enabled=not quiet and is_main and console.is_terminal) as bar:
+            progress = bar.update if bar.enabled else None
+            result = run_training(
+                cfg, run_dir, resume=resume is not None, overwrite=overwrite, log=log, progress=progress
+            )
     except UserError as e:
         if is_main:
             fatal(str(e))

@@ -109,3 +109,50 @@ def device_for(spec: str) -> torch.device:
     if dev.type == "cuda" and env_world_size() > 1 and spec.strip().lower() in ("auto", "cuda"):
         dev = torch.device("cuda", local_rank() % torch.cuda.device_count())
     return dev
+
+
+def collective_device() -> torch.device:
+    """Where small collective tensors live: the current GPU under NCCL, else the CPU."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def flag_max(flag: float) -> float:
+    """The largest of every process's ``flag`` (one collective; the same answer everywhere)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([flag], dtype=torch.float32, device=collective_device())
+    return float(all_reduce_max(t).item())
+
+
+def mean_of(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each value averaged over the processes (one collective for all keys)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.stack([values[k].detach().double().to(collective_device()) for k in keys])
+    all_reduce_mean(t)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def on_main_first(fn: Any, others: Any = None) -> Any:
+    """Run ``fn`` on the main process first (downloads, folder set-up), then ``others`` (default
+    ``fn``) on the rest; an error on the main process stops every process."""
+    ok, result, error = torch.ones(1), None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the others
+            error, ok = e, torch.zeros(1)
+    if world_size() > 1:
+        ok = broadcast(ok.to(collective_device())).cpu()
+    if error is not None:
+        raise error
+    if not bool(ok.item()):
+        from optvq_cli.core.errors import UserError
+
+        raise UserError("the main process (rank 0) failed; see its message")
+    if not is_main():
+        result = (others or fn)()
+    return result

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import load_numpy_pickle, offline
-from optvq_cli.core.images import ImageError, image_extensions, read_image
+from optvq_cli.core.images import RESAMPLE, ImageError, image_extensions, read_image
 from optvq_cli.core.walk import walk_files
 
 log = logging.getLogger("optvq")
@@ -301,15 +300,18 @@ class Splits:
 
 
 def _resize_pixels(pixels: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, C, size, size): bilinear with antialiasing, rounded."""
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), resized exactly as `optvq eval` and `encode`
+    resize an image file (Pillow, ``images.RESAMPLE``), so validation and eval see the same pixels."""
     t = torch.from_numpy(np.ascontiguousarray(pixels))
     if t.shape[-2:] == (size, size):
         return t.clone()
-    out = []
-    for chunk in t.split(4096):
-        r = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(r.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(out)
+    method = getattr(Image.Resampling, RESAMPLE.upper())
+    out = np.empty((t.shape[0], t.shape[1], size, size), np.uint8)
+    for i, a in enumerate(t.numpy()):
+        im = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+        r = np.asarray(im.resize((size, size), method))
+        out[i] = r[None] if r.ndim == 2 else r.transpose(2, 0, 1)
+    return torch.from_numpy(out)
 
 
 def _match_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
