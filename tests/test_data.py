@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PHOTOS, SKIMAGE, photo_crops
 from PIL import Image
 
 from optvq_cli.core.errors import UserError
@@ -22,9 +23,6 @@ from optvq_cli.train.data import (
     read_idx_images,
     val_batches,
 )
-
-SKIMAGE = Path(__import__("skimage").__file__).parent / "data"
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
 
 
 def write_idx(path: Path, images: np.ndarray, gz: bool = False) -> Path:
@@ -50,20 +48,6 @@ def write_cifar(path: Path, images: np.ndarray) -> Path:
     with open(path, "wb") as f:
         pickle.dump(batch, f, protocol=2)
     return path
-
-
-def photo_crops(n: int, size: int, grey: bool = False) -> np.ndarray:
-    """n real-photo patches (skimage's test images), resized to size x size: (n, 3, s, s) or (n, s, s)."""
-    out = []
-    for i in range(n):
-        im = Image.open(SKIMAGE / PHOTOS[i % len(PHOTOS)]).convert("L" if grey else "RGB")
-        w, h = im.size
-        k = i // len(PHOTOS)
-        side = min(w, h) // 2
-        left, top = (k * 37) % (w - side), (k * 53) % (h - side)
-        a = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)))
-        out.append(a if grey else a.transpose(2, 0, 1))
-    return np.stack(out)
 
 
 # ---------------------------------------------------------------- MNIST / Fashion-MNIST idx

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import photo_crops
 from PIL import Image
-from test_data import photo_crops  # real-photo patches, shared with the data tests
 from typer.testing import CliRunner
 
 from optvq_cli.cli import app
