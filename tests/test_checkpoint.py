@@ -563,3 +563,64 @@ def test_pickled_file_reference_points_to_converter(tmp_path):
     with pytest.raises(UserError) as e:
         load_model(str(path), device="cpu")
     one_line_error(e, "never loaded as is", "--from-upstream")
+
+
+# -- the Python API: from_pretrained / save_pretrained / push_to_hub -----------------------------
+def test_from_pretrained_takes_every_kind_of_reference(tiny_dir, offline_cache, monkeypatch):
+    from optvq_cli import OptVQModel
+
+    bundled = OptVQModel.from_pretrained("default", device="cpu")
+    recorded = json.loads((ckpt.BUNDLED_DIRS[0] / "default" / "config.json").read_text())["weights_sha256"]
+    assert bundled.sha256 == recorded and not bundled.training
+    weights = file_sha256(tiny_dir / "model.safetensors")
+    assert OptVQModel.from_pretrained(tiny_dir, device="cpu").sha256 == weights
+    assert OptVQModel.from_pretrained(str(tiny_dir / "model.safetensors"), device="cpu").sha256 == weights
+    lay_out_hub_cache(offline_cache, "someone/optvq-tiny", tiny_dir, refs=("main", "v1"))
+    monkeypatch.chdir(offline_cache)
+    hub_model = OptVQModel.from_pretrained("someone/optvq-tiny", revision="v1", device="cpu")
+    assert hub_model.source == f"hub:someone/optvq-tiny@{COMMIT}" and hub_model.sha256 == weights
+
+
+def test_save_pretrained_round_trip_and_foreign_files(tiny_dir, tmp_path):
+    from optvq_cli import OptVQModel
+
+    model = OptVQModel.from_pretrained(tiny_dir, device="cpu")
+    out = model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    back = OptVQModel.from_pretrained(out, device="cpu")
+    assert back.sha256 == model.sha256 and back.config == model.config  # same tensors, same file
+    model.save_pretrained(out)  # an earlier optvq model there: replaced
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(FileExistsError, match="config.json"):
+        model.save_pretrained(theirs)
+    assert (theirs / "config.json").read_text() == '{"model_type": "bert"}'
+    assert sorted(p.name for p in theirs.iterdir()) == ["config.json"]
+
+
+def test_push_to_hub_uploads_the_saved_folder(tiny_dir, monkeypatch):
+    import huggingface_hub
+
+    from optvq_cli import OptVQModel
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
+            calls.append(("create", repo_id, private, repo_type))
+
+        def upload_folder(self, repo_id, folder_path, commit_message, repo_type):
+            folder = Path(folder_path)
+            doc = json.loads((folder / "config.json").read_text())
+            calls.append(("upload", repo_id, sorted(p.name for p in folder.iterdir()), doc["weights_sha256"]))
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("OPTVQ_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # read once, at its import
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = OptVQModel.from_pretrained(tiny_dir, device="cpu")
+    url = model.push_to_hub("me/optvq-tiny", private=True)
+    assert url == "https://huggingface.co/me/optvq-tiny"
+    files = ["README.md", "config.json", "model.safetensors"]
+    assert calls == [("create", "me/optvq-tiny", True, "model"), ("upload", "me/optvq-tiny", files, model.sha256)]

@@ -406,3 +406,83 @@ def test_device_and_dtype_flags():
     assert resolve_dtype("fp32") is None and resolve_dtype(None) is None
     with pytest.raises(UserError, match="--dtype"):
         resolve_dtype("int8")
+
+
+# -- the Python API ------------------------------------------------------------------------------
+def _pool_batch() -> torch.Tensor:
+    """Four photos at 32 px: a batch on which the Sinkhorn plan and the nearest code disagree."""
+    return torch.cat([photo(32, n) for n in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")])
+
+
+def test_encode_is_nearest_unless_told_and_forward_trains_with_the_config_assignment():
+    torch.manual_seed(3)
+    model = build_model("tiny").eval()
+    assert model.config.assign == "sinkhorn"
+    x = _pool_batch()
+    near = model.encode_indices(x, assign="nearest")
+    sink = model.encode_indices(x, assign="sinkhorn")
+    assert not torch.equal(near, sink)  # the batch tells the two apart
+    with torch.no_grad():
+        assert torch.equal(model.encode(x)[2], near)
+        assert torch.equal(model.encode(x, assign="sinkhorn")[2], sink)
+        assert torch.equal(model(x)[2], near)  # eval mode: nearest
+        model.train()
+        assert torch.equal(model(x)[2], sink)  # the training step: the config's assignment
+
+
+def _reference_pixels(path: Path, size: int, channels: int) -> torch.Tensor:
+    """Centre square, bicubic resize, [-1, 1]: the protocol written out with Pillow alone."""
+    from PIL import Image
+
+    im = Image.open(path).convert("RGB" if channels == 3 else "L")
+    w, h = im.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    a = torch.from_numpy(__import__("numpy").array(im.resize((size, size), Image.Resampling.BICUBIC, box=box)))
+    a = a[:, :, None] if a.dim() == 2 else a
+    return (a.permute(2, 0, 1).float() / 127.5 - 1)[None]
+
+
+def test_preprocess_gives_the_tensor_the_model_takes(tmp_path):
+    import skimage
+    from PIL import Image
+
+    src = Path(skimage.__file__).parent / "data" / "chelsea.png"  # 451 x 300 RGB
+    model = build_model("tiny").eval()
+    x = model.preprocess(src)
+    assert x.shape == (1, 3, 32, 32) and x.device == model.device
+    torch.testing.assert_close(x, _reference_pixels(src, 32, 3), atol=1e-6, rtol=0)
+    gray = build_model("tiny", in_channels=1)
+    assert gray.preprocess(Image.open(src)).shape == (1, 1, 32, 32)  # an RGB image for a 1-channel model
+    assert model.preprocess([src, str(src)], size=20).shape == (2, 3, 20, 20)  # 20: padded to a multiple of 4
+    whole = model.preprocess(src, size=30, crop=False)  # 451 x 300 -> 45 x 30 -> padded to 48 x 32
+    assert whole.shape == (1, 3, 32, 48)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        model.preprocess(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png"):
+        model.preprocess(tmp_path / "bad.png")
+
+
+def test_tokenize_and_detokenize():
+    import numpy as np
+    import skimage
+
+    src = Path(skimage.__file__).parent / "data" / "astronaut.png"
+    torch.manual_seed(4)
+    model = build_model("tiny").eval()
+    x = _pool_batch()
+    tokens = model.tokenize(x)
+    assert tokens.dtype == torch.int64 and tokens.shape == (4, 2, 8, 8)
+    assert torch.equal(tokens, model.encode_indices(x, assign="nearest"))
+    assert torch.equal(model.tokenize(x, assign="sinkhorn"), model.encode_indices(x, assign="sinkhorn"))
+    assert torch.equal(model.tokenize(src), model.encode_indices(model.preprocess(src), assign="nearest"))
+    with pytest.raises(ValueError, match="assign='greedy'"):
+        model.tokenize(x, assign="greedy")
+    images = model.detokenize(tokens)
+    assert images.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(images, model.decode_indices(tokens))
+    grid = tokens[1].numpy().astype(np.uint16)  # one grid as `optvq encode` stores it
+    torch.testing.assert_close(model.detokenize(grid), images[1:2])
+    with pytest.raises(ValueError, match="integers"):
+        model.detokenize(grid.astype(np.float32))

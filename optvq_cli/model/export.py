@@ -168,6 +168,20 @@ def model_card(model: OptVQModel, sha256: str, dtype: str) -> str:
     return "\n".join(lines)
 
 
+def refuse_foreign_files(folder: Path) -> None:
+    """FileExistsError when ``folder`` holds a file of a name the hf folder uses but no optvq
+    config.json: saving there would replace a file optvq did not write."""
+    clash = [folder / n for n in HF_FILES if (folder / n).exists()]
+    if not clash:
+        return
+    try:
+        ours = "optvq_format" in json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{clash[0]}: exists and is no optvq model file; save into another folder")
+
+
 def export_hf(model: OptVQModel, out: Path, dtype: str | None = None) -> Path:
     """Inference-only folder: config.json, model.safetensors, README.md (model card).
 

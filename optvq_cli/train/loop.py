@@ -762,7 +762,7 @@ def validate(model: OptVQModel, dataset, batch: int, device: torch.device, worke
     shown = None
     for x in make_loader(dataset, batches, workers):
         x = x.to(device, non_blocking=True)
-        z_q, _, idx = model.encode(x)
+        z_q, _, idx = model.encode(x, assign=model.config.assign)
         rec = model.decode(z_q).clamp(-1, 1)
         sums[0] += psnr01((x + 1) / 2, (rec + 1) / 2).sum()
         sums[1] += x.shape[0]
