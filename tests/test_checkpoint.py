@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from optvq_cli.checkpoints import files, refs
 from optvq_cli.core.errors import UserError
 from optvq_cli.model import PRESETS, build_model, load_model, save_model
 from optvq_cli.model import checkpoint as ckpt
@@ -113,10 +114,10 @@ def test_identity_is_reproducible_across_saves_and_processes(tiny_dir, tmp_path)
 
     with safe_open(str(a), "pt") as f:
         meta = f.metadata()
-    assert list(meta) == [ckpt.META_KEY]
-    stored = json.loads(meta[ckpt.META_KEY])
+    assert list(meta) == [files.META_KEY]
+    stored = json.loads(meta[files.META_KEY])
     assert stored == {"optvq_format": 1, "model": PRESETS["tiny"].to_dict()}
-    assert meta[ckpt.META_KEY] == json.dumps(stored, sort_keys=True)
+    assert meta[files.META_KEY] == json.dumps(stored, sort_keys=True)
 
 
 def test_files_written_by_earlier_versions_still_load(tmp_path):
@@ -124,8 +125,8 @@ def test_files_written_by_earlier_versions_still_load(tmp_path):
     path = tmp_path / "old.safetensors"
     meta = {
         "format": "pt",
-        ckpt.META_CONFIG: json.dumps(PRESETS["tiny"].to_dict()),
-        ckpt.META_METADATA: json.dumps({"dataset": "old"}),
+        files.META_CONFIG: json.dumps(PRESETS["tiny"].to_dict()),
+        files.META_METADATA: json.dumps({"dataset": "old"}),
     }
     save_file(_tiny_tensors(), str(path), metadata=meta)
     model = load_model(path, device="cpu")
@@ -152,10 +153,10 @@ def test_half_precision_weights_keep_quantizer_fp32(tmp_path):
 def test_bundled_name(tiny_dir, tmp_path, monkeypatch):
     root = tmp_path / "bundled"
     shutil.copytree(tiny_dir, root / "tiny-test")
-    monkeypatch.setattr(ckpt, "BUNDLED_DIRS", [tmp_path / "missing", root])
+    monkeypatch.setattr(refs, "BUNDLED_DIRS", [tmp_path / "missing", root])
     model = load_model("tiny-test", device="cpu")
     assert model.source == "bundled:tiny-test" and model.config == PRESETS["tiny"]
-    assert ckpt.bundled_names() == ["tiny-test"]
+    assert refs.bundled_names() == ["tiny-test"]
     with pytest.raises(UserError) as e:
         load_model("nonexistent-name", device="cpu")
     one_line_error(e, "nonexistent-name", "tiny-test")
@@ -269,7 +270,7 @@ def test_authors_full_file_plan_from_key_list():
     right shape, and exactly the loss tensors left over."""
     file_shapes = {k: s for k, (s, _) in read_key_list("keys_f16_h4.txt").items()}
     _, expected = ckpt._expected_shapes(PRESETS["imagenet-f16-h4"], device="meta")
-    plan = ckpt.plan_keys(file_shapes, expected, "model.safetensors", "imagenet-f16-h4")
+    plan = files.plan_keys(file_shapes, expected, "model.safetensors", "imagenet-f16-h4")
     assert sorted(plan.ignored) == sorted(k for k in file_shapes if k.startswith("model.loss."))
     assert len(plan.sources) == len(expected) == sum(not k.startswith("model.loss.") for k in file_shapes)
 
@@ -411,7 +412,7 @@ def _tiny_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _write_with_config(path: Path, tensors: dict, cfg: dict) -> Path:
-    meta = {"format": "pt", ckpt.META_CONFIG: json.dumps(cfg)}
+    meta = {"format": "pt", files.META_CONFIG: json.dumps(cfg)}
     save_file(tensors, str(path), metadata=meta)
     return path
 
@@ -570,7 +571,7 @@ def test_from_pretrained_takes_every_kind_of_reference(tiny_dir, offline_cache, 
     from optvq_cli import OptVQModel
 
     bundled = OptVQModel.from_pretrained("default", device="cpu")
-    recorded = json.loads((ckpt.BUNDLED_DIRS[0] / "default" / "config.json").read_text())["weights_sha256"]
+    recorded = json.loads((refs.BUNDLED_DIRS[0] / "default" / "config.json").read_text())["weights_sha256"]
     assert bundled.sha256 == recorded and not bundled.training
     weights = file_sha256(tiny_dir / "model.safetensors")
     assert OptVQModel.from_pretrained(tiny_dir, device="cpu").sha256 == weights
@@ -624,3 +625,27 @@ def test_push_to_hub_uploads_the_saved_folder(tiny_dir, monkeypatch):
     assert url == "https://huggingface.co/me/optvq-tiny"
     files = ["README.md", "config.json", "model.safetensors"]
     assert calls == [("create", "me/optvq-tiny", True, "model"), ("upload", "me/optvq-tiny", files, model.sha256)]
+
+
+def test_checkpoint_files_are_read_without_the_model_code():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import optvq_cli.checkpoints.refs, optvq_cli.checkpoints.files, "
+        "optvq_cli.checkpoints.configs, optvq_cli.checkpoints.upstream; "
+        "print(sorted(m for m in sys.modules if m.startswith(('optvq_cli.model', 'optvq_cli.cli'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_provenance_is_attached_once_and_read_only(tiny_dir):
+    from optvq_cli.model import Provenance
+
+    model = load_model(tiny_dir, device="cpu")
+    weights = tiny_dir / "model.safetensors"
+    want = {"dataset": "unit-test", "checkpoint_format": "optvq"}
+    assert model.provenance == Provenance(str(tiny_dir.resolve()), file_sha256(weights), "fp32", want, [])
+    with pytest.raises(AttributeError):
+        model.source = "elsewhere"

@@ -221,6 +221,17 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+@dataclass
+class Provenance:
+    """Where a model came from: what the loader found, attached to the model in one place."""
+
+    source: str | None = None  # the reference as resolved: a path, bundled:NAME, hub:ORG/NAME@commit
+    sha256: str | None = None  # of the weights file: the model's identity (see model/checkpoint.py)
+    weights_dtype: str = "fp32"  # how the file stored encoder/decoder: a re-export keeps it
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ignored_keys: list[str] = dataclasses.field(default_factory=list)  # tensors the model does not use
+
+
 def _build_parts(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     if cfg.arch == "plain_cnn":
         return PlainCNNEncoder(cfg.in_channels, cfg.cnn_widths), PlainCNNDecoder(cfg.out_channels, cfg.cnn_widths)
@@ -266,12 +277,28 @@ class OptVQModel(nn.Module):
             assign=config.assign,  # type: ignore[arg-type]
         )
         self.compute_dtype: torch.dtype | None = None
-        # Provenance, filled by the loader.
-        self.source: str | None = None
-        self.sha256: str | None = None  # of the weights file: the model's identity (see checkpoint.py)
-        self.weights_dtype = "fp32"  # how the file stored encoder/decoder: a re-export keeps it
-        self.metadata: dict[str, Any] = {}
-        self.ignored_keys: list[str] = []  # tensors in the file the model does not use
+        self.provenance = Provenance()  # set once, by the loader
+
+    # -- provenance (read-only views of self.provenance) -------------------------------------
+    @property
+    def source(self) -> str | None:
+        return self.provenance.source
+
+    @property
+    def sha256(self) -> str | None:
+        return self.provenance.sha256
+
+    @property
+    def weights_dtype(self) -> str:
+        return self.provenance.weights_dtype
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.provenance.metadata
+
+    @property
+    def ignored_keys(self) -> list[str]:
+        return self.provenance.ignored_keys
 
     # -- description -------------------------------------------------------------------------
     @property
