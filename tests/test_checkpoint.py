@@ -146,7 +146,7 @@ def test_half_precision_weights_keep_quantizer_fp32(tmp_path):
     assert dtypes["quantize.embedding.weight"] == torch.float32
     loaded = load_model(out, device="cpu")
     assert loaded.encoder.in_fc.weight.dtype == torch.float32
-    assert torch.equal(loaded.quantizer.embedding.weight, model.quantizer.embedding.weight)
+    assert torch.equal(loaded.quantize.embedding.weight, model.quantize.embedding.weight)
     torch.testing.assert_close(loaded.encoder.in_fc.weight, model.encoder.in_fc.weight, atol=1e-3, rtol=1e-3)
 
 
@@ -393,7 +393,7 @@ def test_convert_plain_cnn_training_checkpoint_from_key_list(tmp_path):
         (16, 16, 32),
     )
     assert (model.config.n_codes, model.config.e_dim, model.config.heads) == (m.n_codes, m.e_dim, m.heads)
-    assert torch.equal(model.quantizer.embedding.weight, sd["quantize.embedding.weight"])
+    assert torch.equal(model.quantize.embedding.weight, sd["quantize.embedding.weight"])
     assert model.config == m  # the whole MNIST preset, resolution 32 (Sec. 4.2) included
 
 

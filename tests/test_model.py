@@ -269,7 +269,7 @@ def test_encode_indices_nearest_and_sinkhorn_match_plain_computation():
     model = build_model("tiny").eval()
     x = torch.cat([photo(32), photo(32, "chelsea.png"), photo(32, "coffee.png")])
     z = model.features(x)
-    codes = model.quantizer.embedding.weight @ model.quantizer.proj.weight.t() + model.quantizer.proj.bias
+    codes = model.quantize.embedding.weight @ model.quantize.proj.weight.t() + model.quantize.proj.bias
     pool = _pool(z.detach(), 2)
     near = _grid(torch.cdist(pool, codes.detach()).argmin(1), 3, 8, 8, 2)
     assert torch.equal(model.encode_indices(x, assign="nearest"), near)
@@ -283,7 +283,7 @@ def test_decode_indices_is_exact_lookup_on_non_square_grids():
     torch.manual_seed(2)
     model = build_model("tiny").eval()
     idx = torch.randint(0, 64, (2, 2, 3, 5))
-    codes = model.quantizer.codes().detach()
+    codes = model.quantize.codes().detach()
     z = torch.zeros(2, 8, 3, 5)  # head k of position (i, j) holds channels 4k..4k+3
     for n in range(2):
         for k in range(2):
@@ -387,7 +387,9 @@ def test_config_json_holds_only_the_fields_of_its_architecture():
 
 def test_model_is_the_one_class():
     m = build_model("tiny")
-    assert isinstance(m, OptVQModel) and m.quantizer is m.quantize
+    assert isinstance(m, OptVQModel)
+    with pytest.warns(DeprecationWarning, match="model.quantize"):
+        assert m.quantizer is m.quantize  # one module, one name; the old one warns
     assert m.source is None and m.sha256 is None
 
 

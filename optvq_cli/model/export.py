@@ -56,7 +56,7 @@ class IndexEncoder(nn.Module):
     def __init__(self, model: OptVQModel):
         super().__init__()
         self.encoder, self.quant_conv = model.encoder, model.quant_conv
-        codes = model.quantizer.codes().detach().float()
+        codes = model.quantize.codes().detach().float()
         self.register_buffer("codes", codes.clone())
         self.register_buffer("codes_sq", (codes * codes).sum(1))
         self.heads, self.code_dim = model.config.heads, model.config.code_dim
@@ -76,7 +76,7 @@ class IndexDecoder(nn.Module):
     def __init__(self, model: OptVQModel):
         super().__init__()
         self.decoder, self.post_quant_conv = model.decoder, model.post_quant_conv
-        self.register_buffer("codes", model.quantizer.codes().detach().float().clone())
+        self.register_buffer("codes", model.quantize.codes().detach().float().clone())
         self.e_dim = model.config.e_dim
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -303,6 +304,8 @@ class OptVQModel(nn.Module):
     # -- description -------------------------------------------------------------------------
     @property
     def quantizer(self) -> OptVQuantizer:
+        """Deprecated: the quantizer is ``model.quantize`` (its state-dict name)."""
+        warnings.warn("model.quantizer is deprecated; use model.quantize", DeprecationWarning, stacklevel=2)
         return self.quantize
 
     @property

@@ -538,7 +538,7 @@ def init_codebook(
     method = cfg.quantizer.init
     if method == "none":
         return
-    q = model.quantizer
+    q = model.quantize
     want = cfg.quantizer.init_samples or min(max(20 * q.n_codes, 2000), 500_000)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     order = torch.randperm(len(dataset), generator=g).tolist()
