@@ -506,21 +506,21 @@ def _refuse_building(monkeypatch):
 
 def test_oversized_config_is_refused_before_building(tiny_dir, monkeypatch):
     doc = json.loads((tiny_dir / "config.json").read_text())
-    doc["model"]["n_codes"] = 2_000_000_000  # would be a 32 GB codebook
+    doc["model"]["n_codes"] = 16_000_000  # would be a 256 MB codebook (2e9, 32 GB, is out of range)
     (tiny_dir / "config.json").write_text(json.dumps(doc))
     _refuse_building(monkeypatch)
     with pytest.raises(UserError) as e:
         load_model(str(tiny_dir), device="cpu")
-    one_line_error(e, "quantize.embedding.weight", "(64, 4)", "(2000000000, 4)", "does not match")
+    one_line_error(e, "quantize.embedding.weight", "(64, 4)", "(16000000, 4)", "does not match")
 
 
 @pytest.mark.parametrize(
     "change,needles",
     [
-        ({"ch": 1 << 20}, ("encoder.conv_in.weight", "does not match")),
-        ({"num_res_blocks": 1000}, ("encoder.down.0.block.999.conv2.weight", "missing")),
+        ({"ch": 4096}, ("encoder.conv_in.weight", "does not match")),
+        ({"num_res_blocks": 60}, ("encoder.down.0.block.59.conv2.weight", "missing")),
         ({"ch_mult": [1, 2, 2, 2, 2, 2]}, ("encoder.down.2.block.0.conv1.weight", "missing")),
-        ({"z_channels": 1 << 16}, ("(16, 65536, 1, 1)", "does not match")),
+        ({"z_channels": 1 << 14}, ("(16, 16384, 1, 1)", "does not match")),
     ],
 )
 def test_vqgan_sizes_are_checked_against_the_header(tmp_path, monkeypatch, change, needles):
@@ -649,3 +649,56 @@ def test_provenance_is_attached_once_and_read_only(tiny_dir):
     assert model.provenance == Provenance(str(tiny_dir.resolve()), file_sha256(weights), "fp32", want, [])
     with pytest.raises(AttributeError):
         model.source = "elsewhere"
+
+
+# -- refused at load: broken weights, out-of-range configs, ambiguous names ----------------------
+def test_weights_holding_nan_or_inf_are_refused_naming_the_first_bad_tensor(tmp_path):
+    t = _tiny_tensors()
+    t["decoder.out_fc.weight"][0, 0, 0, 0] = float("nan")
+    t["encoder.in_fc.bias"][1] = float("inf")
+    path = _write_with_config(tmp_path / "diverged.safetensors", t, PRESETS["tiny"].to_dict())
+    with pytest.raises(UserError) as e:
+        load_model(path, device="cpu")
+    first = next(k for k in sorted(t) if not torch.isfinite(t[k]).all())  # safetensors stores keys sorted
+    assert first == "decoder.out_fc.weight"
+    one_line_error(e, str(path), "tensor decoder.out_fc.weight", "1 NaN and 0 inf")
+    torch.save({"model": t}, tmp_path / "checkpoint.pth")
+    with pytest.raises(UserError) as e:
+        ckpt.convert_upstream(tmp_path / "checkpoint.pth")
+    one_line_error(e, "checkpoint.pth", "inf")
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("resolution", 10**12),
+        ("n_iters", 10**9),
+        ("n_codes", 2**40),
+        ("in_channels", 10**6),
+        ("ch", 1 << 20),
+        ("epsilon", 1e300),
+    ],
+)
+def test_config_fields_out_of_range_are_refused_naming_file_and_key(tiny_dir, key, value):
+    doc = json.loads((tiny_dir / "config.json").read_text())
+    doc["model"][key] = value
+    (tiny_dir / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError) as e:
+        load_model(tiny_dir, device="cpu")
+    one_line_error(e, str(tiny_dir / "config.json"), f"{key}=", "at most" if key != "epsilon" else "(0, 1e+06]")
+
+
+def test_a_bare_name_that_is_a_folder_and_a_bundled_model_is_refused(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dir, tmp_path / "default")
+    with pytest.raises(UserError) as e:
+        load_model("default", device="cpu")
+    one_line_error(e, "default", "./default", "bundled:default")
+    local = file_sha256(tiny_dir / "model.safetensors")
+    assert load_model("./default", device="cpu").sha256 == local
+    assert load_model(Path("default"), device="cpu").sha256 == local  # a Path names a path
+    bundled = load_model("bundled:default", device="cpu")
+    assert bundled.source == "bundled:default" and bundled.sha256 != local
+    with pytest.raises(UserError) as e:
+        load_model("bundled:nothing-of-that-name", device="cpu")
+    one_line_error(e, "bundled:nothing-of-that-name", "no such bundled model", "default")

@@ -364,6 +364,12 @@ def test_config_round_trip_and_validation():
         ({"attn_resolutions": [24]}, "attn_resolutions"),
         ({"cnn_widths": [8, 8]}, "cnn_widths"),
         ({"z_channels": True}, "z_channels"),
+        ({"resolution": 10**12}, "resolution"),  # bounded: no overflow later, blamed on an image
+        ({"n_iters": 10**9}, "n_iters"),  # bounded: no Sinkhorn loop that never ends
+        ({"n_codes": 2**30}, "n_codes"),
+        ({"cnn_widths": [8, 8, 10**6]}, "cnn_widths"),
+        ({"ch_mult": [1] * 13}, "ch_mult"),
+        ({"beta": 1e9}, "beta"),
     ],
 )
 def test_every_config_field_is_validated(change, field):

@@ -1,6 +1,10 @@
 """Naming a model (``--model REF``, ``from_pretrained(REF)``): a local folder, a ``.safetensors``
 file whose config is in its header, a bundled name (``checkpoints/<name>/``), or a hub id
 ``ORG/NAME`` downloaded and cached by huggingface_hub.
+
+A bare name that is both a local folder (or file) and a bundled name is refused rather than
+guessed: ``./NAME`` picks the local one, ``bundled:NAME`` the bundled one. A ``Path`` object always
+names a path.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ BUNDLED_DIRS: list[Path] = [
     Path(__file__).resolve().parents[2] / "checkpoints",
     Path(__file__).resolve().parent,
 ]
+BUNDLED_PREFIX = "bundled:"
 _BUNDLED_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 
 
@@ -80,8 +85,17 @@ def _locate_bundled(name: str) -> Located:
     folder = _bundled(name)
     if folder is None:
         names = ", ".join(bundled_names()) or "none installed"
-        raise NotFound(f"model bundled:{name}: no such bundled model ({names})")
-    return _locate_dir(folder, f"bundled:{name}")
+        raise NotFound(f"model {BUNDLED_PREFIX}{name}: no such bundled model ({names})")
+    return _locate_dir(folder, f"{BUNDLED_PREFIX}{name}")
+
+
+def _refuse_ambiguous(text: str, path: Path) -> None:
+    if text == path.name and path.exists() and _bundled(text) is not None:
+        kind = "folder" if path.is_dir() else "file"
+        raise UserError(
+            f"model {text}: both a {kind} here and a bundled model; write ./{text} for the {kind} "
+            f"or {BUNDLED_PREFIX}{text} for the bundled model"
+        )
 
 
 def locate(ref: str | Path, revision: str | None = None) -> Located:
@@ -94,6 +108,10 @@ def locate(ref: str | Path, revision: str | None = None) -> Located:
     is_hub = not path.exists() and _bundled(text) is None and hub.looks_like_repo_id(text)
     if revision is not None and not is_hub:
         raise UserError(f"--revision {revision}: only a hub id takes a revision, not {text}")
+    if text.startswith(BUNDLED_PREFIX):
+        return _locate_bundled(text[len(BUNDLED_PREFIX) :])
+    if not isinstance(ref, Path):
+        _refuse_ambiguous(text, path)
     if path.is_dir():
         return _locate_dir(path, str(path.resolve()))
     if path.is_file():

@@ -118,15 +118,28 @@ def infer_config(shapes: dict[str, tuple[int, ...]], **quantizer: Any) -> dict[s
     return fields
 
 
+def _pickle_refusal(path: Path, e: BaseException) -> str:
+    """One plain line for a torch.load(weights_only=True) failure, instead of torch's several
+    ANSI-coloured lines of advice (which suggest unpickling the file)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found or "Weights only load failed" in text:
+        what = f"a Python object ({found.group(1)})" if found else "Python objects"
+        return (
+            f"{path}: holds {what} besides tensors, and optvq never unpickles objects; it is refused "
+            f"(keep only the state dict: torch.save({{'model': model.state_dict()}}, PATH))"
+        )
+    reason = first_line(Exception(text)).split(". ")[0].rstrip(".")
+    return f"{path}: cannot be read as a torch checkpoint, truncated or corrupt ({reason}); it is refused"
+
+
 def _state_dict_from_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         # A file object, not the path: torch.load picks safetensors for a name ending .safetensors.
         with open(path, "rb") as f:
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary objects; a corrupt zip raises RuntimeError
-        raise UserError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({first_line(e)}); it is refused"
-        ) from None
+        raise UserError(_pickle_refusal(path, e)) from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

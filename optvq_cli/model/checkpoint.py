@@ -177,6 +177,18 @@ def _materialize(skeleton: OptVQModel, tensors: dict[str, torch.Tensor], device:
     return skeleton.to(device).eval()
 
 
+def check_finite(tensors: dict[str, torch.Tensor], file_keys: dict[str, str], where: str) -> None:
+    """Refuse weights holding NaN or inf (a diverged training run), naming the first bad tensor:
+    such a model gives all-zero tokens and blank images without a word."""
+    for nk, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise UserError(
+                f"{where}: tensor {file_keys.get(nk, nk)} holds {nan} NaN and {inf} inf values; "
+                f"the weights are broken (a diverged training run?), use another checkpoint"
+            )
+
+
 def _stored_dtype(plan: KeyPlan, dtypes: dict[str, str]) -> str:
     """fp16 / bf16 when the file stores the encoder, decoder and connectors so, else fp32."""
     stored = {dtypes[k] for nk, k in plan.sources.items() if not nk.startswith("quantize.")}
@@ -212,6 +224,7 @@ def load_state(located: Located) -> LoadedState:
         if not dtypes[k].startswith(("F", "BF")):
             raise UserError(f"{where}: tensor {k} holds {dtypes[k]}, not floating point; the file is not a model")
     tensors = files.read_tensors(located.weights, plan.sources)
+    check_finite(tensors, plan.sources, where)
     return LoadedState(parsed, plan, skeleton, tensors, _stored_dtype(plan, dtypes))
 
 
@@ -269,7 +282,9 @@ def convert_upstream(path: str | Path, **quantizer: Any) -> OptVQModel:
     skeleton, expected = _expected_shapes(cfg)
     file_shapes = {k: tuple(v.shape) for k, v in raw.items()}
     plan = plan_keys(file_shapes, expected, str(path), f"the inferred {cfg.arch} config")
-    model = _materialize(skeleton, {nk: raw[k] for nk, k in plan.sources.items()}, torch.device("cpu"))
+    tensors = {nk: raw[k] for nk, k in plan.sources.items()}
+    check_finite(tensors, plan.sources, str(path))
+    model = _materialize(skeleton, tensors, torch.device("cpu"))
     digest = sha256_file(path)
     metadata = {"converted_from": path.name, "converted_from_sha256": digest, "checkpoint_format": "upstream"}
     return _attach(model, Provenance(str(path.resolve()), digest, "fp32", metadata, list(plan.ignored)))

@@ -44,9 +44,33 @@ ARCH_FIELDS = {
 }
 
 
+# Upper bounds far above any real model, so that a hostile or mistyped config fails at load, by
+# name, instead of as an overflow on every image or a Sinkhorn loop that never ends.
+_MAX = {
+    "in_channels": 64,
+    "out_channels": 64,
+    "resolution": 16384,
+    "ch": 4096,
+    "num_res_blocks": 64,
+    "z_channels": 16384,
+    "n_codes": 2**24,
+    "e_dim": 16384,
+    "heads": 1024,
+    "n_iters": 1000,
+    "ch_mult value": 64,
+    "attn_resolutions value": 16384,
+    "cnn_widths value": 16384,
+    "epsilon": 1e6,
+    "beta": 1e6,
+}
+_MAX_LEVELS = 12  # entries of ch_mult: f = 2^11 at most
+
+
 def _int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    if value > _MAX.get(name, value):
+        raise ValueError(f"{name}={value!r} is out of range (at most {_MAX[name]})")
 
 
 def _ints(name: str, value: Any) -> tuple[int, ...]:
@@ -113,10 +137,12 @@ class ModelConfig:
                 _int(f"{name} value", v)
         if self.e_dim % self.heads:
             raise ValueError(f"e_dim={self.e_dim} is not divisible by heads={self.heads}")
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon={self.epsilon} must be > 0 (the entropic regularization of Sinkhorn)")
-        if self.beta < 0:
-            raise ValueError(f"beta={self.beta} must be >= 0")
+        if not 0 < self.epsilon <= _MAX["epsilon"]:
+            raise ValueError(f"epsilon={self.epsilon} must be in (0, {_MAX['epsilon']:g}] (Sinkhorn's regularization)")
+        if not 0 <= self.beta <= _MAX["beta"]:
+            raise ValueError(f"beta={self.beta} must be in [0, {_MAX['beta']:g}]")
+        if len(self.ch_mult) > _MAX_LEVELS:
+            raise ValueError(f"ch_mult has {len(self.ch_mult)} levels, at most {_MAX_LEVELS}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         for name, allowed in (("loss_type", LOSS_TYPES), ("commitment", COMMITMENTS), ("assign", ASSIGN_MODES)):
