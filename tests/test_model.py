@@ -494,3 +494,48 @@ def test_tokenize_and_detokenize():
     torch.testing.assert_close(model.detokenize(grid), images[1:2])
     with pytest.raises(ValueError, match="integers"):
         model.detokenize(grid.astype(np.float32))
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_the_library_imports_point_one_way():
+    """Nothing imports the CLI; model, quant and checkpoints import no job (tokenize, eval, train)."""
+    package = Path(__file__).resolve().parents[1] / "optvq_cli"
+    jobs = ("optvq_cli.cli", "optvq_cli.tokenize", "optvq_cli.eval", "optvq_cli.train")
+    bad = []
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package).parts
+        if rel[0] in ("cli", "__main__.py"):
+            continue
+        up = jobs if rel[0] in ("model", "quant", "checkpoints", "core") else jobs[:1]
+        bad += [f"{'/'.join(rel)} imports {m}" for m in _imports(path) if m.startswith(up)]
+        if rel[0] in ("checkpoints", "quant", "core"):
+            bad += [f"{'/'.join(rel)} imports {m}" for m in _imports(path) if m.startswith("optvq_cli.model")]
+    assert bad == []
+
+
+def test_library_errors_are_value_and_file_errors(tmp_path):
+    from optvq_cli import OptVQModel
+
+    model = build_model("tiny").eval()
+    for call in (
+        lambda: model.tokenize(torch.zeros(1, 3, 30, 32)),
+        lambda: model.detokenize(torch.full((1, 2, 2, 2), 64)),
+        lambda: model.tokenize(torch.zeros(1, 3, 32, 32), assign="greedy"),
+        lambda: OptVQModel.from_pretrained(tmp_path, device="cpu"),  # a folder without weights
+        lambda: build_model("huge"),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    with pytest.raises(FileNotFoundError):
+        model.preprocess(tmp_path / "none.png")
