@@ -14,10 +14,21 @@ _EXPORTS = {
     "nearest_assign": "optvq_cli.quant.assign",
     "OptVQuantizer": "optvq_cli.quant.quantizer",
     "codebook_stats": "optvq_cli.quant.quantizer",
+    "OptVQModel": "optvq_cli.model.optvq",
+    "ModelConfig": "optvq_cli.model.optvq",
 }
-__all__ = ["OptVQuantizer", "codebook_stats", "nearest_assign", "sinkhorn_assign", "__version__"]
+__all__ = [
+    "ModelConfig",
+    "OptVQModel",
+    "OptVQuantizer",
+    "codebook_stats",
+    "nearest_assign",
+    "sinkhorn_assign",
+    "__version__",
+]
 
 if TYPE_CHECKING:
+    from optvq_cli.model.optvq import ModelConfig, OptVQModel
     from optvq_cli.quant.assign import nearest_assign, sinkhorn_assign
     from optvq_cli.quant.quantizer import OptVQuantizer, codebook_stats
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from optvq_cli.checkpoints import files, refs
 from optvq_cli.core.errors import UserError
 from optvq_cli.model import PRESETS, build_model, load_model, save_model
 from optvq_cli.model import checkpoint as ckpt
@@ -113,10 +114,10 @@ def test_identity_is_reproducible_across_saves_and_processes(tiny_dir, tmp_path)
 
     with safe_open(str(a), "pt") as f:
         meta = f.metadata()
-    assert list(meta) == [ckpt.META_KEY]
-    stored = json.loads(meta[ckpt.META_KEY])
+    assert list(meta) == [files.META_KEY]
+    stored = json.loads(meta[files.META_KEY])
     assert stored == {"optvq_format": 1, "model": PRESETS["tiny"].to_dict()}
-    assert meta[ckpt.META_KEY] == json.dumps(stored, sort_keys=True)
+    assert meta[files.META_KEY] == json.dumps(stored, sort_keys=True)
 
 
 def test_files_written_by_earlier_versions_still_load(tmp_path):
@@ -124,8 +125,8 @@ def test_files_written_by_earlier_versions_still_load(tmp_path):
     path = tmp_path / "old.safetensors"
     meta = {
         "format": "pt",
-        ckpt.META_CONFIG: json.dumps(PRESETS["tiny"].to_dict()),
-        ckpt.META_METADATA: json.dumps({"dataset": "old"}),
+        files.META_CONFIG: json.dumps(PRESETS["tiny"].to_dict()),
+        files.META_METADATA: json.dumps({"dataset": "old"}),
     }
     save_file(_tiny_tensors(), str(path), metadata=meta)
     model = load_model(path, device="cpu")
@@ -145,17 +146,17 @@ def test_half_precision_weights_keep_quantizer_fp32(tmp_path):
     assert dtypes["quantize.embedding.weight"] == torch.float32
     loaded = load_model(out, device="cpu")
     assert loaded.encoder.in_fc.weight.dtype == torch.float32
-    assert torch.equal(loaded.quantizer.embedding.weight, model.quantizer.embedding.weight)
+    assert torch.equal(loaded.quantize.embedding.weight, model.quantize.embedding.weight)
     torch.testing.assert_close(loaded.encoder.in_fc.weight, model.encoder.in_fc.weight, atol=1e-3, rtol=1e-3)
 
 
 def test_bundled_name(tiny_dir, tmp_path, monkeypatch):
     root = tmp_path / "bundled"
     shutil.copytree(tiny_dir, root / "tiny-test")
-    monkeypatch.setattr(ckpt, "BUNDLED_DIRS", [tmp_path / "missing", root])
+    monkeypatch.setattr(refs, "BUNDLED_DIRS", [tmp_path / "missing", root])
     model = load_model("tiny-test", device="cpu")
     assert model.source == "bundled:tiny-test" and model.config == PRESETS["tiny"]
-    assert ckpt.bundled_names() == ["tiny-test"]
+    assert refs.bundled_names() == ["tiny-test"]
     with pytest.raises(UserError) as e:
         load_model("nonexistent-name", device="cpu")
     one_line_error(e, "nonexistent-name", "tiny-test")
@@ -269,7 +270,7 @@ def test_authors_full_file_plan_from_key_list():
     right shape, and exactly the loss tensors left over."""
     file_shapes = {k: s for k, (s, _) in read_key_list("keys_f16_h4.txt").items()}
     _, expected = ckpt._expected_shapes(PRESETS["imagenet-f16-h4"], device="meta")
-    plan = ckpt.plan_keys(file_shapes, expected, "model.safetensors", "imagenet-f16-h4")
+    plan = files.plan_keys(file_shapes, expected, "model.safetensors", "imagenet-f16-h4")
     assert sorted(plan.ignored) == sorted(k for k in file_shapes if k.startswith("model.loss."))
     assert len(plan.sources) == len(expected) == sum(not k.startswith("model.loss.") for k in file_shapes)
 
@@ -392,7 +393,7 @@ def test_convert_plain_cnn_training_checkpoint_from_key_list(tmp_path):
         (16, 16, 32),
     )
     assert (model.config.n_codes, model.config.e_dim, model.config.heads) == (m.n_codes, m.e_dim, m.heads)
-    assert torch.equal(model.quantizer.embedding.weight, sd["quantize.embedding.weight"])
+    assert torch.equal(model.quantize.embedding.weight, sd["quantize.embedding.weight"])
     assert model.config == m  # the whole MNIST preset, resolution 32 (Sec. 4.2) included
 
 
@@ -411,7 +412,7 @@ def _tiny_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _write_with_config(path: Path, tensors: dict, cfg: dict) -> Path:
-    meta = {"format": "pt", ckpt.META_CONFIG: json.dumps(cfg)}
+    meta = {"format": "pt", files.META_CONFIG: json.dumps(cfg)}
     save_file(tensors, str(path), metadata=meta)
     return path
 
@@ -505,21 +506,21 @@ def _refuse_building(monkeypatch):
 
 def test_oversized_config_is_refused_before_building(tiny_dir, monkeypatch):
     doc = json.loads((tiny_dir / "config.json").read_text())
-    doc["model"]["n_codes"] = 2_000_000_000  # would be a 32 GB codebook
+    doc["model"]["n_codes"] = 16_000_000  # would be a 256 MB codebook (2e9, 32 GB, is out of range)
     (tiny_dir / "config.json").write_text(json.dumps(doc))
     _refuse_building(monkeypatch)
     with pytest.raises(UserError) as e:
         load_model(str(tiny_dir), device="cpu")
-    one_line_error(e, "quantize.embedding.weight", "(64, 4)", "(2000000000, 4)", "does not match")
+    one_line_error(e, "quantize.embedding.weight", "(64, 4)", "(16000000, 4)", "does not match")
 
 
 @pytest.mark.parametrize(
     "change,needles",
     [
-        ({"ch": 1 << 20}, ("encoder.conv_in.weight", "does not match")),
-        ({"num_res_blocks": 1000}, ("encoder.down.0.block.999.conv2.weight", "missing")),
+        ({"ch": 4096}, ("encoder.conv_in.weight", "does not match")),
+        ({"num_res_blocks": 60}, ("encoder.down.0.block.59.conv2.weight", "missing")),
         ({"ch_mult": [1, 2, 2, 2, 2, 2]}, ("encoder.down.2.block.0.conv1.weight", "missing")),
-        ({"z_channels": 1 << 16}, ("(16, 65536, 1, 1)", "does not match")),
+        ({"z_channels": 1 << 14}, ("(16, 16384, 1, 1)", "does not match")),
     ],
 )
 def test_vqgan_sizes_are_checked_against_the_header(tmp_path, monkeypatch, change, needles):
@@ -563,3 +564,141 @@ def test_pickled_file_reference_points_to_converter(tmp_path):
     with pytest.raises(UserError) as e:
         load_model(str(path), device="cpu")
     one_line_error(e, "never loaded as is", "--from-upstream")
+
+
+# -- the Python API: from_pretrained / save_pretrained / push_to_hub -----------------------------
+def test_from_pretrained_takes_every_kind_of_reference(tiny_dir, offline_cache, monkeypatch):
+    from optvq_cli import OptVQModel
+
+    bundled = OptVQModel.from_pretrained("default", device="cpu")
+    recorded = json.loads((refs.BUNDLED_DIRS[0] / "default" / "config.json").read_text())["weights_sha256"]
+    assert bundled.sha256 == recorded and not bundled.training
+    weights = file_sha256(tiny_dir / "model.safetensors")
+    assert OptVQModel.from_pretrained(tiny_dir, device="cpu").sha256 == weights
+    assert OptVQModel.from_pretrained(str(tiny_dir / "model.safetensors"), device="cpu").sha256 == weights
+    lay_out_hub_cache(offline_cache, "someone/optvq-tiny", tiny_dir, refs=("main", "v1"))
+    monkeypatch.chdir(offline_cache)
+    hub_model = OptVQModel.from_pretrained("someone/optvq-tiny", revision="v1", device="cpu")
+    assert hub_model.source == f"hub:someone/optvq-tiny@{COMMIT}" and hub_model.sha256 == weights
+
+
+def test_save_pretrained_round_trip_and_foreign_files(tiny_dir, tmp_path):
+    from optvq_cli import OptVQModel
+
+    model = OptVQModel.from_pretrained(tiny_dir, device="cpu")
+    out = model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    back = OptVQModel.from_pretrained(out, device="cpu")
+    assert back.sha256 == model.sha256 and back.config == model.config  # same tensors, same file
+    model.save_pretrained(out)  # an earlier optvq model there: replaced
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(FileExistsError, match="config.json"):
+        model.save_pretrained(theirs)
+    assert (theirs / "config.json").read_text() == '{"model_type": "bert"}'
+    assert sorted(p.name for p in theirs.iterdir()) == ["config.json"]
+
+
+def test_push_to_hub_uploads_the_saved_folder(tiny_dir, monkeypatch):
+    import huggingface_hub
+
+    from optvq_cli import OptVQModel
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
+            calls.append(("create", repo_id, private, repo_type))
+
+        def upload_folder(self, repo_id, folder_path, commit_message, repo_type):
+            folder = Path(folder_path)
+            doc = json.loads((folder / "config.json").read_text())
+            calls.append(("upload", repo_id, sorted(p.name for p in folder.iterdir()), doc["weights_sha256"]))
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("OPTVQ_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # read once, at its import
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = OptVQModel.from_pretrained(tiny_dir, device="cpu")
+    url = model.push_to_hub("me/optvq-tiny", private=True)
+    assert url == "https://huggingface.co/me/optvq-tiny"
+    files = ["README.md", "config.json", "model.safetensors"]
+    assert calls == [("create", "me/optvq-tiny", True, "model"), ("upload", "me/optvq-tiny", files, model.sha256)]
+
+
+def test_checkpoint_files_are_read_without_the_model_code():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import optvq_cli.checkpoints.refs, optvq_cli.checkpoints.files, "
+        "optvq_cli.checkpoints.configs, optvq_cli.checkpoints.upstream; "
+        "print(sorted(m for m in sys.modules if m.startswith(('optvq_cli.model', 'optvq_cli.cli'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_provenance_is_attached_once_and_read_only(tiny_dir):
+    from optvq_cli.model import Provenance
+
+    model = load_model(tiny_dir, device="cpu")
+    weights = tiny_dir / "model.safetensors"
+    want = {"dataset": "unit-test", "checkpoint_format": "optvq"}
+    assert model.provenance == Provenance(str(tiny_dir.resolve()), file_sha256(weights), "fp32", want, [])
+    with pytest.raises(AttributeError):
+        model.source = "elsewhere"
+
+
+# -- refused at load: broken weights, out-of-range configs, ambiguous names ----------------------
+def test_weights_holding_nan_or_inf_are_refused_naming_the_first_bad_tensor(tmp_path):
+    t = _tiny_tensors()
+    t["decoder.out_fc.weight"][0, 0, 0, 0] = float("nan")
+    t["encoder.in_fc.bias"][1] = float("inf")
+    path = _write_with_config(tmp_path / "diverged.safetensors", t, PRESETS["tiny"].to_dict())
+    with pytest.raises(UserError) as e:
+        load_model(path, device="cpu")
+    first = next(k for k in sorted(t) if not torch.isfinite(t[k]).all())  # safetensors stores keys sorted
+    assert first == "decoder.out_fc.weight"
+    one_line_error(e, str(path), "tensor decoder.out_fc.weight", "1 NaN and 0 inf")
+    torch.save({"model": t}, tmp_path / "checkpoint.pth")
+    with pytest.raises(UserError) as e:
+        ckpt.convert_upstream(tmp_path / "checkpoint.pth")
+    one_line_error(e, "checkpoint.pth", "inf")
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("resolution", 10**12),
+        ("n_iters", 10**9),
+        ("n_codes", 2**40),
+        ("in_channels", 10**6),
+        ("ch", 1 << 20),
+        ("epsilon", 1e300),
+    ],
+)
+def test_config_fields_out_of_range_are_refused_naming_file_and_key(tiny_dir, key, value):
+    doc = json.loads((tiny_dir / "config.json").read_text())
+    doc["model"][key] = value
+    (tiny_dir / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError) as e:
+        load_model(tiny_dir, device="cpu")
+    one_line_error(e, str(tiny_dir / "config.json"), f"{key}=", "at most" if key != "epsilon" else "(0, 1e+06]")
+
+
+def test_a_bare_name_that_is_a_folder_and_a_bundled_model_is_refused(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dir, tmp_path / "default")
+    with pytest.raises(UserError) as e:
+        load_model("default", device="cpu")
+    one_line_error(e, "default", "./default", "bundled:default")
+    local = file_sha256(tiny_dir / "model.safetensors")
+    assert load_model("./default", device="cpu").sha256 == local
+    assert load_model(Path("default"), device="cpu").sha256 == local  # a Path names a path
+    bundled = load_model("bundled:default", device="cpu")
+    assert bundled.source == "bundled:default" and bundled.sha256 != local
+    with pytest.raises(UserError) as e:
+        load_model("bundled:nothing-of-that-name", device="cpu")
+    one_line_error(e, "bundled:nothing-of-that-name", "no such bundled model", "default")

@@ -695,7 +695,7 @@ def test_a_missing_model_is_named_for_what_it_is(photos, tiny_model_dir, tmp_pat
     line = refused(cli("decode", tok, tmp_path / "dec", "--device", "cpu"))
     assert line.startswith(f"error: the model recorded in {tok / 'manifest.json'} ({model_copy}) cannot be loaded")
     assert line.endswith("pass --model")
-    from optvq_cli.model import checkpoint
+    from optvq_cli.checkpoints import refs as checkpoint
 
     monkeypatch.setattr(checkpoint, "BUNDLED_DIRS", [tmp_path / "no-bundled-models"])  # an install without them
     refused(cli("encode", photos, tmp_path / "x"), "no bundled default model is installed; pass --model REF")

@@ -186,12 +186,12 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
     idx = model.encode_indices(x * 2 - 1, assign="sinkhorn")  # one batch of 5, as with -b 5
     near = model.encode_indices(x * 2 - 1, assign="nearest")
     rec = ((model.decode_indices(idx) + 1) / 2).clamp(0, 1)
-    n = model.quantizer.n_codes
+    n = model.quantize.n_codes
     used = torch.unique(idx).numel()
     assert rep["codebook_usage"] == pytest.approx(used / n)
     assert rep["assignment_agreement"] == pytest.approx(float((idx == near).double().mean()))
     assert rep["codebook"]["tokens"] == idx.numel()
-    assert len(rep["heads"]) == model.quantizer.heads
+    assert len(rep["heads"]) == model.quantize.heads
     for h, head in enumerate(rep["heads"]):
         assert head["codebook_usage"] == pytest.approx(torch.unique(idx[:, h]).numel() / n)
     assert 1.0 <= rep["perplexity"] <= used

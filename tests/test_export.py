@@ -325,3 +325,46 @@ def test_info_grid_after_padding_and_fields_of_the_architecture(tiny_dir):
     d = json.loads(invoke("info", tiny_dir, "--json").output)
     assert "cnn_widths" in d["config"] and "ch_mult" not in d["config"] and "z_channels" not in d["config"]
     assert "ch_mult" not in json.loads((tiny_dir / "config.json").read_text())["model"]
+
+
+def test_from_upstream_refusal_is_one_plain_line(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"encoder.x": torch.zeros(1)}, "cfg": Path("/etc")}, path)  # an object besides tensors
+    r = invoke("export", "--from-upstream", path, tmp_path / "out")
+    assert r.exit_code == 1
+    line = r.output.strip()
+    assert "\n" not in line and "\x1b" not in line, r.output
+    assert line.startswith(f"error: {path}: holds a Python object (pathlib.") and "never unpickles" in line
+    assert "weights_only" not in line  # torch's advice to unpickle it is not passed on
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    r = invoke("export", "--from-upstream", path, tmp_path / "out")
+    assert r.exit_code == 1 and "\n" not in r.output.strip() and "truncated or corrupt" in r.output
+
+
+def test_model_help_names_safetensors_files():
+    for command in ("export", "info"):
+        r = invoke(command, "--help")
+        assert r.exit_code == 0 and ".safetensors file" in " ".join(r.output.split())
+
+
+def test_cli_refuses_nan_weights_and_ambiguous_names(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from optvq_cli.model.optvq import Provenance
+
+    model = load_model(tiny_dir, device="cpu")
+    with torch.no_grad():
+        model.quantize.embedding.weight[3, 0] = float("nan")
+    model.provenance = Provenance()
+    save_model(model, tmp_path / "nan-model")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = [sys.executable, "-m", "optvq_cli", "info"]
+    r = subprocess.run([*run, str(tmp_path / "nan-model")], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "tensor quantize.embedding.weight holds 1 NaN" in r.stderr and "model.safetensors" in r.stderr
+    (tmp_path / "default").symlink_to(tiny_dir, target_is_directory=True)
+    r = subprocess.run([*run, "default"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 1 and "./default" in r.stderr and "bundled:default" in r.stderr, r.stderr
+    r = subprocess.run([*run, "./default", "--json"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["sha256"] == sha(tiny_dir / "model.safetensors")

@@ -269,7 +269,7 @@ def test_encode_indices_nearest_and_sinkhorn_match_plain_computation():
     model = build_model("tiny").eval()
     x = torch.cat([photo(32), photo(32, "chelsea.png"), photo(32, "coffee.png")])
     z = model.features(x)
-    codes = model.quantizer.embedding.weight @ model.quantizer.proj.weight.t() + model.quantizer.proj.bias
+    codes = model.quantize.embedding.weight @ model.quantize.proj.weight.t() + model.quantize.proj.bias
     pool = _pool(z.detach(), 2)
     near = _grid(torch.cdist(pool, codes.detach()).argmin(1), 3, 8, 8, 2)
     assert torch.equal(model.encode_indices(x, assign="nearest"), near)
@@ -283,7 +283,7 @@ def test_decode_indices_is_exact_lookup_on_non_square_grids():
     torch.manual_seed(2)
     model = build_model("tiny").eval()
     idx = torch.randint(0, 64, (2, 2, 3, 5))
-    codes = model.quantizer.codes().detach()
+    codes = model.quantize.codes().detach()
     z = torch.zeros(2, 8, 3, 5)  # head k of position (i, j) holds channels 4k..4k+3
     for n in range(2):
         for k in range(2):
@@ -364,6 +364,12 @@ def test_config_round_trip_and_validation():
         ({"attn_resolutions": [24]}, "attn_resolutions"),
         ({"cnn_widths": [8, 8]}, "cnn_widths"),
         ({"z_channels": True}, "z_channels"),
+        ({"resolution": 10**12}, "resolution"),  # bounded: no overflow later, blamed on an image
+        ({"n_iters": 10**9}, "n_iters"),  # bounded: no Sinkhorn loop that never ends
+        ({"n_codes": 2**30}, "n_codes"),
+        ({"cnn_widths": [8, 8, 10**6]}, "cnn_widths"),
+        ({"ch_mult": [1] * 13}, "ch_mult"),
+        ({"beta": 1e9}, "beta"),
     ],
 )
 def test_every_config_field_is_validated(change, field):
@@ -387,7 +393,9 @@ def test_config_json_holds_only_the_fields_of_its_architecture():
 
 def test_model_is_the_one_class():
     m = build_model("tiny")
-    assert isinstance(m, OptVQModel) and m.quantizer is m.quantize
+    assert isinstance(m, OptVQModel)
+    with pytest.warns(DeprecationWarning, match="model.quantize"):
+        assert m.quantizer is m.quantize  # one module, one name; the old one warns
     assert m.source is None and m.sha256 is None
 
 
@@ -406,3 +414,128 @@ def test_device_and_dtype_flags():
     assert resolve_dtype("fp32") is None and resolve_dtype(None) is None
     with pytest.raises(UserError, match="--dtype"):
         resolve_dtype("int8")
+
+
+# -- the Python API ------------------------------------------------------------------------------
+def _pool_batch() -> torch.Tensor:
+    """Four photos at 32 px: a batch on which the Sinkhorn plan and the nearest code disagree."""
+    return torch.cat([photo(32, n) for n in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")])
+
+
+def test_encode_is_nearest_unless_told_and_forward_trains_with_the_config_assignment():
+    torch.manual_seed(3)
+    model = build_model("tiny").eval()
+    assert model.config.assign == "sinkhorn"
+    x = _pool_batch()
+    near = model.encode_indices(x, assign="nearest")
+    sink = model.encode_indices(x, assign="sinkhorn")
+    assert not torch.equal(near, sink)  # the batch tells the two apart
+    with torch.no_grad():
+        assert torch.equal(model.encode(x)[2], near)
+        assert torch.equal(model.encode(x, assign="sinkhorn")[2], sink)
+        assert torch.equal(model(x)[2], near)  # eval mode: nearest
+        model.train()
+        assert torch.equal(model(x)[2], sink)  # the training step: the config's assignment
+
+
+def _reference_pixels(path: Path, size: int, channels: int) -> torch.Tensor:
+    """Centre square, bicubic resize, [-1, 1]: the protocol written out with Pillow alone."""
+    from PIL import Image
+
+    im = Image.open(path).convert("RGB" if channels == 3 else "L")
+    w, h = im.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    a = torch.from_numpy(__import__("numpy").array(im.resize((size, size), Image.Resampling.BICUBIC, box=box)))
+    a = a[:, :, None] if a.dim() == 2 else a
+    return (a.permute(2, 0, 1).float() / 127.5 - 1)[None]
+
+
+def test_preprocess_gives_the_tensor_the_model_takes(tmp_path):
+    import skimage
+    from PIL import Image
+
+    src = Path(skimage.__file__).parent / "data" / "chelsea.png"  # 451 x 300 RGB
+    model = build_model("tiny").eval()
+    x = model.preprocess(src)
+    assert x.shape == (1, 3, 32, 32) and x.device == model.device
+    torch.testing.assert_close(x, _reference_pixels(src, 32, 3), atol=1e-6, rtol=0)
+    gray = build_model("tiny", in_channels=1)
+    assert gray.preprocess(Image.open(src)).shape == (1, 1, 32, 32)  # an RGB image for a 1-channel model
+    assert model.preprocess([src, str(src)], size=20).shape == (2, 3, 20, 20)  # 20: padded to a multiple of 4
+    whole = model.preprocess(src, size=30, crop=False)  # 451 x 300 -> 45 x 30 -> padded to 48 x 32
+    assert whole.shape == (1, 3, 32, 48)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        model.preprocess(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png"):
+        model.preprocess(tmp_path / "bad.png")
+
+
+def test_tokenize_and_detokenize():
+    import numpy as np
+    import skimage
+
+    src = Path(skimage.__file__).parent / "data" / "astronaut.png"
+    torch.manual_seed(4)
+    model = build_model("tiny").eval()
+    x = _pool_batch()
+    tokens = model.tokenize(x)
+    assert tokens.dtype == torch.int64 and tokens.shape == (4, 2, 8, 8)
+    assert torch.equal(tokens, model.encode_indices(x, assign="nearest"))
+    assert torch.equal(model.tokenize(x, assign="sinkhorn"), model.encode_indices(x, assign="sinkhorn"))
+    assert torch.equal(model.tokenize(src), model.encode_indices(model.preprocess(src), assign="nearest"))
+    with pytest.raises(ValueError, match="assign='greedy'"):
+        model.tokenize(x, assign="greedy")
+    images = model.detokenize(tokens)
+    assert images.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(images, model.decode_indices(tokens))
+    grid = tokens[1].numpy().astype(np.uint16)  # one grid as `optvq encode` stores it
+    torch.testing.assert_close(model.detokenize(grid), images[1:2])
+    with pytest.raises(ValueError, match="integers"):
+        model.detokenize(grid.astype(np.float32))
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_the_library_imports_point_one_way():
+    """Nothing imports the CLI; model, quant and checkpoints import no job (tokenize, eval, train)."""
+    package = Path(__file__).resolve().parents[1] / "optvq_cli"
+    jobs = ("optvq_cli.cli", "optvq_cli.tokenize", "optvq_cli.eval", "optvq_cli.train")
+    bad = []
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package).parts
+        if rel[0] in ("cli", "__main__.py"):
+            continue
+        up = jobs if rel[0] in ("model", "quant", "checkpoints", "core") else jobs[:1]
+        bad += [f"{'/'.join(rel)} imports {m}" for m in _imports(path) if m.startswith(up)]
+        if rel[0] in ("checkpoints", "quant", "core"):
+            bad += [f"{'/'.join(rel)} imports {m}" for m in _imports(path) if m.startswith("optvq_cli.model")]
+    assert bad == []
+
+
+def test_library_errors_are_value_and_file_errors(tmp_path):
+    from optvq_cli import OptVQModel
+
+    model = build_model("tiny").eval()
+    for call in (
+        lambda: model.tokenize(torch.zeros(1, 3, 30, 32)),
+        lambda: model.detokenize(torch.full((1, 2, 2, 2), 64)),
+        lambda: model.tokenize(torch.zeros(1, 3, 32, 32), assign="greedy"),
+        lambda: OptVQModel.from_pretrained(tmp_path, device="cpu"),  # a folder without weights
+        lambda: build_model("huge"),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    with pytest.raises(FileNotFoundError):
+        model.preprocess(tmp_path / "none.png")

@@ -216,7 +216,7 @@ def test_random_select_init_uses_encoder_features():
     data = ArrayImages(torch.from_numpy(photo_crops(8, 32)), "photos")
     cfg = resolve_config("tiny", sets=parse_sets(["quantizer.init=random_select"]))
     init_codebook(model, data, cfg, torch.device("cpu"), log=lambda m: None)
-    q = model.quantizer
+    q = model.quantize
     feats = model.features(data.__getitems__([(0, i) for i in range(8)]))
     pool = feats.permute(0, 2, 3, 1).reshape(-1, q.code_dim)
     assert torch.equal(q.proj.weight, torch.eye(q.code_dim)) and not q.proj.bias.any()

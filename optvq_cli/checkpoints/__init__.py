@@ -1,4 +1,5 @@
-"""Where models live on disk and on the hub: model references, the hub client, safetensors
-headers and the authors' checkpoint format."""
+"""Model files and where they live, without building a model: references, bundled models and
+the hub (refs, hub), safetensors files and headers (files), config dialects and the authors' format
+(configs, upstream). Nothing here imports optvq_cli.model."""
 
 DEFAULT_MODEL = "default"  # the bundled model every command uses without --model; loads offline

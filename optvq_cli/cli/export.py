@@ -188,19 +188,20 @@ def _export(model, out, format, dtype, from_upstream, push_to_hub, private, revi
 
 
 def _describe_preset(name: str):
-    from optvq_cli.model.optvq import PRESETS, build_model
+    from optvq_cli.model.optvq import PRESETS, Provenance, build_model
 
     if name not in PRESETS:
         raise UserError(f"model {PRESET_PREFIX}{name}: no such preset; presets: {', '.join(PRESETS)}")
     model = build_model(name, device="meta")
-    model.source = f"preset:{name} (untrained, no weights)"
+    model.provenance = Provenance(source=f"preset:{name} (untrained, no weights)")
     return model
 
 
 def _model_to_describe(ref: str, revision: str | None, device: str):
     """(model, what it is). A preset only when the reference names nothing else at all: a folder,
     file, bundled or hub model of that name, or an error loading it, wins."""
-    from optvq_cli.model.checkpoint import NotFound, load_located, locate
+    from optvq_cli.checkpoints.refs import NotFound, locate
+    from optvq_cli.model.checkpoint import load_located
     from optvq_cli.model.optvq import PRESETS
 
     if ref.startswith(PRESET_PREFIX):

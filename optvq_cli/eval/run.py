@@ -319,8 +319,8 @@ def _reconstruct(model, x01: torch.Tensor, assign: str, want_usage: bool):
     other_mode = "nearest" if assign == "sinkhorn" else "sinkhorn"
     if hasattr(model, "features"):  # one encoder pass for both assignments
         z = model.features(x)
-        idx = model.quantizer.indices(z, assign=assign)
-        other = model.quantizer.indices(z, assign=other_mode) if want_usage else None
+        idx = model.quantize.indices(z, assign=assign)
+        other = model.quantize.indices(z, assign=other_mode) if want_usage else None
     else:
         idx = model.encode_indices(x, assign=assign)
         other = model.encode_indices(x, assign=other_mode) if want_usage else None
@@ -376,7 +376,7 @@ def run_eval(opts: EvalOptions, progress: Progress | None = None, log: Callable[
             sums.real = M.FeatureStats(nets.inception.DIM)
     want_usage = "usage" in wanted and model is not None
     if want_usage:
-        sums.counts = torch.zeros(model.quantizer.heads, model.quantizer.n_codes, dtype=torch.int64)
+        sums.counts = torch.zeros(model.quantize.heads, model.quantize.n_codes, dtype=torch.int64)
 
     batches = [list(range(i, min(i + opts.batch_size, len(rel)))) for i in range(0, len(rel), opts.batch_size)]
     mine = batches[rank::world_size]
@@ -398,7 +398,7 @@ def run_eval(opts: EvalOptions, progress: Progress | None = None, log: Callable[
             if model is not None:
                 y01, idx, other_idx = _reconstruct(model, x01, opts.assign, want_usage)
                 if want_usage:
-                    sums.counts += M.count_codes(idx, model.quantizer.n_codes)
+                    sums.counts += M.count_codes(idx, model.quantize.n_codes)
                     sums.agree += int((idx == other_idx).sum())
                     sums.tokens += idx.numel()
             else:
@@ -532,8 +532,8 @@ def _protocol(opts, nets: _Perceptual, model, resolution: int, channel: str, wor
             "ref": opts.model,
             "source": getattr(model, "source", None),
             "sha256": getattr(model, "sha256", None),
-            "n_codes": int(model.quantizer.n_codes),
-            "heads": int(model.quantizer.heads),
+            "n_codes": int(model.quantize.n_codes),
+            "heads": int(model.quantize.heads),
             "downsample": int(model.downsample),
         }
         if opts.assign == "sinkhorn":

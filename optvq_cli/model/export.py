@@ -56,7 +56,7 @@ class IndexEncoder(nn.Module):
     def __init__(self, model: OptVQModel):
         super().__init__()
         self.encoder, self.quant_conv = model.encoder, model.quant_conv
-        codes = model.quantizer.codes().detach().float()
+        codes = model.quantize.codes().detach().float()
         self.register_buffer("codes", codes.clone())
         self.register_buffer("codes_sq", (codes * codes).sum(1))
         self.heads, self.code_dim = model.config.heads, model.config.code_dim
@@ -76,7 +76,7 @@ class IndexDecoder(nn.Module):
     def __init__(self, model: OptVQModel):
         super().__init__()
         self.decoder, self.post_quant_conv = model.decoder, model.post_quant_conv
-        self.register_buffer("codes", model.quantizer.codes().detach().float().clone())
+        self.register_buffer("codes", model.quantize.codes().detach().float().clone())
         self.e_dim = model.config.e_dim
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
@@ -166,6 +166,20 @@ def model_card(model: OptVQModel, sha256: str, dtype: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def refuse_foreign_files(folder: Path) -> None:
+    """FileExistsError when ``folder`` holds a file of a name the hf folder uses but no optvq
+    config.json: saving there would replace a file optvq did not write."""
+    clash = [folder / n for n in HF_FILES if (folder / n).exists()]
+    if not clash:
+        return
+    try:
+        ours = "optvq_format" in json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{clash[0]}: exists and is no optvq model file; save into another folder")
 
 
 def export_hf(model: OptVQModel, out: Path, dtype: str | None = None) -> Path:

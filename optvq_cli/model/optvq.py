@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from optvq_cli.core.device import autocast, resolve_device
@@ -24,6 +28,7 @@ from optvq_cli.model.vqgan import GROUPS, Decoder, Encoder
 from optvq_cli.quant import ASSIGN_MODES
 from optvq_cli.quant.quantizer import Assign, Commitment, LossType, OptVQuantizer
 
+ImageInput = str | Path | Image.Image  # what preprocess reads: a path or a Pillow image
 Arch = Literal["plain_cnn", "vqgan"]
 ARCHS = ("plain_cnn", "vqgan")
 LOSS_TYPES = get_args(LossType)
@@ -39,9 +44,33 @@ ARCH_FIELDS = {
 }
 
 
+# Upper bounds far above any real model, so that a hostile or mistyped config fails at load, by
+# name, instead of as an overflow on every image or a Sinkhorn loop that never ends.
+_MAX = {
+    "in_channels": 64,
+    "out_channels": 64,
+    "resolution": 16384,
+    "ch": 4096,
+    "num_res_blocks": 64,
+    "z_channels": 16384,
+    "n_codes": 2**24,
+    "e_dim": 16384,
+    "heads": 1024,
+    "n_iters": 1000,
+    "ch_mult value": 64,
+    "attn_resolutions value": 16384,
+    "cnn_widths value": 16384,
+    "epsilon": 1e6,
+    "beta": 1e6,
+}
+_MAX_LEVELS = 12  # entries of ch_mult: f = 2^11 at most
+
+
 def _int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    if value > _MAX.get(name, value):
+        raise ValueError(f"{name}={value!r} is out of range (at most {_MAX[name]})")
 
 
 def _ints(name: str, value: Any) -> tuple[int, ...]:
@@ -108,10 +137,12 @@ class ModelConfig:
                 _int(f"{name} value", v)
         if self.e_dim % self.heads:
             raise ValueError(f"e_dim={self.e_dim} is not divisible by heads={self.heads}")
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon={self.epsilon} must be > 0 (the entropic regularization of Sinkhorn)")
-        if self.beta < 0:
-            raise ValueError(f"beta={self.beta} must be >= 0")
+        if not 0 < self.epsilon <= _MAX["epsilon"]:
+            raise ValueError(f"epsilon={self.epsilon} must be in (0, {_MAX['epsilon']:g}] (Sinkhorn's regularization)")
+        if not 0 <= self.beta <= _MAX["beta"]:
+            raise ValueError(f"beta={self.beta} must be in [0, {_MAX['beta']:g}]")
+        if len(self.ch_mult) > _MAX_LEVELS:
+            raise ValueError(f"ch_mult has {len(self.ch_mult)} levels, at most {_MAX_LEVELS}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         for name, allowed in (("loss_type", LOSS_TYPES), ("commitment", COMMITMENTS), ("assign", ASSIGN_MODES)):
@@ -217,6 +248,17 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+@dataclass
+class Provenance:
+    """Where a model came from: what the loader found, attached to the model in one place."""
+
+    source: str | None = None  # the reference as resolved: a path, bundled:NAME, hub:ORG/NAME@commit
+    sha256: str | None = None  # of the weights file: the model's identity (see model/checkpoint.py)
+    weights_dtype: str = "fp32"  # how the file stored encoder/decoder: a re-export keeps it
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ignored_keys: list[str] = dataclasses.field(default_factory=list)  # tensors the model does not use
+
+
 def _build_parts(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     if cfg.arch == "plain_cnn":
         return PlainCNNEncoder(cfg.in_channels, cfg.cnn_widths), PlainCNNDecoder(cfg.out_channels, cfg.cnn_widths)
@@ -262,16 +304,34 @@ class OptVQModel(nn.Module):
             assign=config.assign,  # type: ignore[arg-type]
         )
         self.compute_dtype: torch.dtype | None = None
-        # Provenance, filled by the loader.
-        self.source: str | None = None
-        self.sha256: str | None = None  # of the weights file: the model's identity (see checkpoint.py)
-        self.weights_dtype = "fp32"  # how the file stored encoder/decoder: a re-export keeps it
-        self.metadata: dict[str, Any] = {}
-        self.ignored_keys: list[str] = []  # tensors in the file the model does not use
+        self.provenance = Provenance()  # set once, by the loader
+
+    # -- provenance (read-only views of self.provenance) -------------------------------------
+    @property
+    def source(self) -> str | None:
+        return self.provenance.source
+
+    @property
+    def sha256(self) -> str | None:
+        return self.provenance.sha256
+
+    @property
+    def weights_dtype(self) -> str:
+        return self.provenance.weights_dtype
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.provenance.metadata
+
+    @property
+    def ignored_keys(self) -> list[str]:
+        return self.provenance.ignored_keys
 
     # -- description -------------------------------------------------------------------------
     @property
     def quantizer(self) -> OptVQuantizer:
+        """Deprecated: the quantizer is ``model.quantize`` (its state-dict name)."""
+        warnings.warn("model.quantizer is deprecated; use model.quantize", DeprecationWarning, stacklevel=2)
         return self.quantize
 
     @property
@@ -329,8 +389,10 @@ class OptVQModel(nn.Module):
             h = self.quant_conv(self.encoder(images))
         return h.float()
 
-    def encode(self, images: torch.Tensor, assign: Assign | None = None):
-        """(z_q with straight-through gradient, quantizer loss, indices (B, heads, h, w))."""
+    def encode(self, images: torch.Tensor, assign: Assign = "nearest"):
+        """(z_q with straight-through gradient, quantizer loss, indices (B, heads, h, w)).
+        Nearest assignment unless ``assign`` says otherwise: never the batch-dependent Sinkhorn
+        plan by surprise (training passes its assignment explicitly)."""
         return self.quantize(self.features(images), assign=assign)
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
@@ -339,7 +401,10 @@ class OptVQModel(nn.Module):
         return out.float()
 
     def forward(self, images: torch.Tensor, assign: Assign | None = None):
-        """(reconstruction, quantizer loss, indices)."""
+        """(reconstruction, quantizer loss, indices). Without ``assign``: the config's training
+        assignment in training mode (the training step), nearest in eval mode."""
+        if assign is None:
+            assign = self.quantize.assign if self.training else "nearest"
         z_q, loss, indices = self.encode(images, assign=assign)
         return self.decode(z_q), loss, indices
 
@@ -354,6 +419,96 @@ class OptVQModel(nn.Module):
         """Images from token grids, looking the codes up exactly; any h x w."""
         self.check_indices(indices)
         return self.decode(self.quantize.lookup(indices.to(self.device)))
+
+    # -- the Python API ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        ref: str | Path,
+        revision: str | None = None,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype | None = None,
+    ) -> OptVQModel:
+        """The model a reference names, in eval mode: a bundled name (``default``), a folder, a
+        ``.safetensors`` file or a hub id ``ORG/NAME`` (``revision``: branch, tag or commit)."""
+        from optvq_cli.model.checkpoint import load_model
+
+        return load_model(ref, device=device, revision=revision, dtype=dtype)
+
+    def preprocess(
+        self, image: ImageInput | list[ImageInput], size: int | None = None, crop: bool = True
+    ) -> torch.Tensor:
+        """What ``encode`` does to an image, as the tensor the model takes: (B, C, H, W) in
+        [-1, 1] on the model's device. ``image``: a path, a Pillow image or a list of them; the
+        shorter side resized to ``size`` (default: the model's resolution), centre-cropped
+        (``crop=False``: the whole image), padded to a multiple of the downsampling factor."""
+        from optvq_cli.core.images import Preprocess, to_tensor
+
+        images = image if isinstance(image, list) else [image]
+        if not images:
+            raise ValueError("preprocess: no images given")
+        pre = Preprocess(size=size or int(self.config.resolution), crop=crop, multiple=self.downsample)
+        tensors = [to_tensor(pre.apply(_open(im, self.config.in_channels))[0]) for im in images]
+        if len({tuple(t.shape) for t in tensors}) > 1:
+            raise ValueError("preprocess: with crop=False the images differ in size; pass them one at a time")
+        return torch.stack(tensors).to(self.device)
+
+    def tokenize(
+        self, images: torch.Tensor | ImageInput | list[ImageInput], assign: Assign = "nearest"
+    ) -> torch.Tensor:
+        """Token grids (B, heads, h, w), int64, of a (B, C, H, W) tensor in [-1, 1] (or of paths /
+        Pillow images, preprocessed first). ``nearest`` (default): each image's tokens depend on it
+        alone; ``sinkhorn``: the batch is assigned as one pool, as in training."""
+        if not isinstance(images, torch.Tensor):
+            images = self.preprocess(images)
+        if assign not in ASSIGN_MODES:
+            raise ValueError(f"assign={assign!r}: use one of {', '.join(ASSIGN_MODES)}")
+        return self.encode_indices(images.to(self.device), assign=assign)
+
+    def detokenize(self, indices: Any) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] from token grids (B, heads, h, w) or one grid
+        (heads, h, w); a tensor or a NumPy array (e.g. an ``optvq encode`` .npy file)."""
+        if not isinstance(indices, torch.Tensor):
+            a = np.asarray(indices)
+            indices = torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a)  # floats refused below
+        if indices.dim() == 3:
+            indices = indices[None]
+        return self.decode_indices(indices)
+
+    def save_pretrained(self, directory: str | Path, dtype: str | None = None) -> Path:
+        """Write the model as ``config.json`` + ``model.safetensors`` + ``README.md`` (what
+        ``optvq export`` writes; ``from_pretrained(directory)`` loads it back). Files of the same
+        names are replaced only when the folder holds an earlier optvq model."""
+        from optvq_cli.model.export import export_hf, refuse_foreign_files
+
+        directory = Path(directory)
+        refuse_foreign_files(directory)
+        return export_hf(self, directory, dtype=dtype)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, message: str | None = None) -> str:
+        """Upload the model (the ``save_pretrained`` folder) to a hub model repo; returns its URL."""
+        import tempfile
+
+        from optvq_cli.checkpoints import hub
+
+        with tempfile.TemporaryDirectory(prefix="optvq-push-") as tmp:
+            return hub.push(self.save_pretrained(tmp), repo_id, private=private, message=message)
+
+
+def _open(image: ImageInput, channels: int):
+    """A Pillow image with the model's channels, from a path or an image; FileNotFoundError or
+    ValueError naming the file when it cannot be read."""
+    from optvq_cli.core.images import ImageError, read_image, to_channels
+
+    if isinstance(image, Image.Image):
+        return to_channels(image, channels)
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        return read_image(path, channels)
+    except ImageError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def build_model(preset: str | ModelConfig, device: str | torch.device | None = None, **overrides: Any) -> OptVQModel:

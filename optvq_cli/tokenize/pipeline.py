@@ -370,7 +370,7 @@ def _manifest_header(
         "batch_dependent": assign == "sinkhorn",
         **({"batch_size": batch_size} if assign == "sinkhorn" else {}),
         "layout": "packed" if pack else "files",
-        "dtype": tk.uint_dtype(int(model.quantizer.n_codes)).name,
+        "dtype": tk.uint_dtype(int(model.quantize.n_codes)).name,
         "input": str(root.resolve()),
     }
 
@@ -452,7 +452,7 @@ def encode(
         tk.write_manifest(output, doc)
 
     grids: dict[int, np.ndarray] = {}
-    dtype = tk.uint_dtype(int(model.quantizer.n_codes))
+    dtype = tk.uint_dtype(int(model.quantize.n_codes))
     try:
         for path, reason in problems:
             run.fail(path, reason)
@@ -618,7 +618,7 @@ def decode(
     rows = {r["name"]: r for r in (manifest or {}).get("images", [])}
     entries, unreadable = _entries(tokens, manifest)
     tk.remove_temp_files(output)
-    heads, n_codes, f = int(model.quantizer.heads), int(model.quantizer.n_codes), int(model.downsample)
+    heads, n_codes, f = int(model.quantize.heads), int(model.quantize.n_codes), int(model.downsample)
 
     summary = Summary("decode", output, total=len(entries) + len(unreadable))  # a packed file adds N - 1
     run = _Run(summary, strict, on_progress, on_failure)
