@@ -151,6 +151,62 @@ def test_against_pairs_by_relative_path_ignoring_extension(tmp_path):
     assert code == 1 and "no counterpart" in text and "b.png" in text
 
 
+def _halves(folder: Path, name: str, left: int, right: int, size: tuple[int, int] = (40, 24)) -> Path:
+    """A w x h image: grey level ``left`` in the left 30 columns, ``right`` in the rest."""
+    folder.mkdir(exist_ok=True)
+    w, h = size
+    arr = np.full((h, w, 3), left, dtype=np.uint8)
+    arr[:, 30:] = right
+    Image.fromarray(arr).save(folder / name)
+    return folder
+
+
+def test_against_compares_at_the_images_own_size(tmp_path):
+    """Without --resolution, 40 x 24 pairs are compared as they are: the 10 changed columns are a
+    quarter of the pixels (a centre square resized to 256 would see another share)."""
+    orig = _halves(tmp_path / "orig", "a.png", 100, 200)
+    other = _halves(tmp_path / "other", "a.png", 100, 210)
+    out = tmp_path / "r.json"
+    code, text = _invoke("eval", orig, "--against", other, "--protocol", "rgb", "--metrics", "psnr", "--json", out)
+    assert code == 0, text
+    rep = json.loads(out.read_text())
+    mse = (10 / 255) ** 2 * 10 / 40  # 10 of 40 columns differ by 10 grey levels
+    assert rep["psnr"] == pytest.approx(10 * math.log10(1 / (mse + 1e-8)), rel=1e-6)
+    assert rep["protocol"]["resolution"] is None and rep["protocol"]["resize"] == "none"
+
+
+def test_against_refuses_pairs_of_different_sizes(tmp_path):
+    """A 64 x 32 side-by-side against a 32 x 32 image: one line naming both files and sizes, no
+    figure; with --resolution both are cropped and resized as asked."""
+    orig = _halves(tmp_path / "orig", "a.png", 100, 200, size=(64, 32))
+    other = _halves(tmp_path / "other", "a.png", 100, 200, size=(32, 32))
+    out = tmp_path / "r.json"
+    code, text = _invoke("eval", orig, "--against", other, "--json", out)
+    assert code == 1 and not out.exists()
+    assert str(orig / "a.png") in text and str(other / "a.png") in text and "64x32" in text and "32x32" in text
+    assert "\n" not in text.strip() and "--resolution" in text
+    code, text = _invoke("eval", orig, "--against", other, "--resolution", 32, "--json", out)
+    assert code == 0, text
+
+
+def test_unreadable_image_is_skipped_counted_and_exit_1(tmp_path):
+    """Like encode: one line for the bad file, the rest evaluated, exit 1 at the end."""
+    orig = _flat(tmp_path, "orig", {"a": 100, "b": 50})
+    other = _flat(tmp_path, "other", {"a": 110, "b": 50, "c": 7})
+    (orig / "c.png").write_bytes(b"not a png")
+    out = tmp_path / "r.json"
+    code, text = _invoke("eval", orig, "--against", other, "--protocol", "rgb", "--metrics", "psnr", "--json", out)
+    assert code == 1
+    assert [line for line in text.splitlines() if "c.png" in line] == [
+        f"skipped {orig / 'c.png'}: not an image Pillow can read"
+    ]
+    assert "1 image(s) skipped" in text
+    rep = json.loads(out.read_text())
+    assert rep["count"] == 2 and [f["path"] for f in rep["failed"]] == [str(orig / "c.png")]
+    rgb = 10 * math.log10(1 / ((10 / 255) ** 2 + 1e-8))
+    assert rep["psnr"] == pytest.approx((rgb + 80.0) / 2, rel=1e-6)  # a and b only
+
+
 def test_limit_and_metric_selection(photos):
     rep = run_eval(EvalOptions(photos, against=photos, limit=2, resolution=32, metrics=("ssim",))).report
     assert rep["count"] == 2 and rep["psnr"] is None and rep["ssim"] == pytest.approx(1.0)

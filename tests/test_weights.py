@@ -232,6 +232,25 @@ def test_eval_with_every_metric_and_ref_stats(cached, tmp_path):
     assert code == 1 and "--ref-stats" in text and "delete it" in text
 
 
+def test_eval_lpips_at_the_images_own_size(cached, tmp_path):
+    """--against without --resolution: LPIPS of the 64 x 64 pairs as they are, equal to the `lpips`
+    package on the same pixels (no resize to 256, which changes the figure)."""
+    orig, rec = _folders(tmp_path)
+    out = tmp_path / "r.json"
+    code, text = _invoke("eval", orig, "--against", rec, "--lpips-net", "alex", "--metrics", "lpips", "--json", out)
+    assert code == 0, text
+    ours = load_lpips(cached / "lpips-alex-v0.1.safetensors", "alex")
+    ref = _reference_lpips("alex", ours)
+
+    def read(folder: Path) -> torch.Tensor:
+        arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+    with torch.no_grad():
+        expect = float(ref(read(orig) * 2 - 1, read(rec) * 2 - 1).mean())
+    assert json.loads(out.read_text())["lpips"] == pytest.approx(expect, rel=1e-5)
+
+
 def test_eval_with_explicit_weight_files_and_no_cache(cached, package_files, tmp_path, monkeypatch):
     monkeypatch.setenv("OPTVQ_CACHE", str(tmp_path / "empty-cache"))
     orig, rec = _folders(tmp_path)

@@ -7,11 +7,18 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from optvq_cli.checkpoints import DEFAULT_MODEL
 from optvq_cli.cli.app import app, console, fatal
+from optvq_cli.cli.progress import ProgressBar
 
 N_SAMPLES = 8
+
+
+def _skipped(path: str, why: str) -> None:
+    """One line per unreadable image, from whichever process met it."""
+    console.print(f"[yellow]skipped[/] {escape(path)}: {escape(why)}", highlight=False, soft_wrap=True)
 
 
 def _refuse_existing(paths: dict[str, Path | None], overwrite: bool) -> None:
@@ -33,7 +40,8 @@ def _print_table(report: dict) -> None:
     from rich.table import Table
 
     p = report["protocol"]
-    title = f"{report['count']} images, protocol {p['name']}, {p['resolution']}px"
+    size = f"{p['resolution']}px" if p["resolution"] is not None else "each image's own size"
+    title = f"{report['count']} images, protocol {p['name']}, {size}"
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -60,38 +68,6 @@ def _print_table(report: dict) -> None:
         console.print(f"[yellow]{key} unavailable:[/] {why}", highlight=False, soft_wrap=True)
 
 
-def _log(message: str) -> None:
-    console.print(message, highlight=False, soft_wrap=True)
-
-
-class _RichProgress:
-    """A progress bar with ETA on stderr, shown by the first process only."""
-
-    def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("evaluating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task = None
-
-    def start(self, total: int) -> None:
-        self.bar.start()
-        self.task = self.bar.add_task("eval", total=total)
-
-    def advance(self, n: int) -> None:
-        self.bar.advance(self.task, n)
-
-    def stop(self) -> None:
-        self.bar.stop()
-
-
 @app.command(name="eval")
 def eval_(
     data: Path = typer.Argument(..., help="Folder of images (flat or in class folders), searched recursively."),
@@ -105,8 +81,12 @@ def eval_(
     metrics: str = typer.Option(None, "--metrics", help="Comma list of psnr,ssim,lpips,rfid,usage (default: all)."),
     lpips_net: str = typer.Option("vgg", "--lpips-net", help="LPIPS backbone: vgg or alex."),
     protocol: str = typer.Option("optvq", "--protocol", help="optvq: PSNR/SSIM on luma as the authors; rgb: on RGB."),
-    size: int = typer.Option(
-        None, "--size", help="Shorter side resized to this, then a centre square crop (default: the model's, else 256)."
+    resolution: int = typer.Option(
+        None,
+        "--resolution",
+        "--size",
+        help="Compare N x N images: the centre square of each image (its shorter side), resized to N x N "
+        "(default: the model's resolution; with --against, no crop or resize: each pair at its own size).",
     ),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per batch (and per Sinkhorn pool)."),
     workers: int = typer.Option(0, "--workers", "-j", help="DataLoader worker processes for reading images."),
@@ -146,7 +126,7 @@ def eval_(
         metrics=chosen,
         lpips_net=lpips_net,
         protocol=protocol,
-        resolution=size,
+        resolution=resolution,
         batch_size=batch_size,
         workers=workers,
         device=device,
@@ -159,14 +139,8 @@ def eval_(
         offline=True if offline else None,  # None: OPTVQ_OFFLINE decides
         n_samples=N_SAMPLES if samples is not None else 0,
     )
-    progress = _RichProgress() if rank == 0 and console.is_terminal else None
-    try:
-        result = run_eval(
-            opts, progress=progress, log=lambda m: console.print(m, highlight=False) if rank == 0 else None
-        )
-    finally:
-        if progress is not None:
-            progress.stop()
+    with ProgressBar("evaluating", console, enabled=rank == 0 and console.is_terminal) as bar:
+        result = run_eval(opts, progress=bar.update, log=bar.line if rank == 0 else lambda m: None, on_skip=_skipped)
     if rank != 0:
         return
     report = result.report
@@ -183,3 +157,7 @@ def eval_(
     for flag, path in (("report", json_path), ("usage plot", plot), ("samples", samples)):
         if path is not None:
             console.print(f"wrote {flag}: {path}", highlight=False, soft_wrap=True)
+    if report["failed"]:
+        fatal(
+            f"{len(report['failed'])} image(s) skipped: cannot read them (listed above); fix or remove them and rerun"
+        )
