@@ -265,6 +265,29 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
     assert code == 1 and "--overwrite" in text
 
 
+def test_text_report_keeps_per_head_rows_in_the_codebook_table(photos, tiny_model_dir):
+    """Per-head usage sits under its own column headers, not under the assignment agreement, which
+    is one figure (a share of tokens) stated once, after the heads."""
+    code, text = _invoke("eval", photos, "--model", tiny_model_dir, "--metrics", "psnr,usage", "--limit", 2)
+    assert code == 0, text
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if "codebook usage" in line and "perplexity" in line)
+    heads = [i for i, line in enumerate(lines) if "head " in line and "│" in line]
+    agreement = [i for i, line in enumerate(lines) if "same code" in line]
+    assert heads and len(agreement) == 1
+    assert header < min(heads) and max(heads) < agreement[0]
+    assert not any("perplexity" in lines[i] for i in heads)  # a column of its own, not a note
+
+
+def test_help_describes_resolution_as_crop_then_resize():
+    code, text = _invoke("eval", "--help")
+    assert code == 0
+    flat = " ".join(text.replace("│", " ").split())
+    assert "--resolution" in flat and "--size" in flat  # the old spelling keeps working
+    assert flat.index("centre square") < flat.index("resized to N x N")
+    assert "Shorter side resized" not in flat
+
+
 def test_no_model_means_the_bundled_default(photos, tmp_path):
     out = tmp_path / "r.json"
     code, text = _invoke("eval", photos, "--metrics", "psnr,usage", "--limit", 2, "--json", out)

@@ -35,36 +35,56 @@ def _fmt(v, digits: int = 4) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def _print_table(report: dict) -> None:
-    from rich.console import Console
+def _quality_table(report: dict):
     from rich.table import Table
 
-    p = report["protocol"]
+    p, un = report["protocol"], report["unavailable"]
     size = f"{p['resolution']}px" if p["resolution"] is not None else "each image's own size"
-    title = f"{report['count']} images, protocol {p['name']}, {size}"
-    table = Table(title=title)
+    table = Table(title=f"{report['count']} images, protocol {p['name']}, {size}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("note")
-    un = report["unavailable"]
     rows = [
         ("psnr", "PSNR (dB)", 2, p["psnr"]["channel"]),
         ("ssim", "SSIM", 4, p["ssim"]["channel"]),
         ("lpips", f"LPIPS ({p['lpips']['net']})", 4, "v0.1"),
         ("rfid", "rFID", 3, "Inception-v3 TF 2015-12-05, pool3"),
-        ("codebook_usage", "codebook usage", 4, "fraction of codes used"),
-        ("perplexity", "perplexity", 1, ""),
-        ("assignment_agreement", "nearest = sinkhorn", 4, "share of tokens"),
     ]
     for key, label, digits, note in rows:
-        metric = "usage" if key in ("codebook_usage", "perplexity", "assignment_agreement") else key
-        if metric not in report["metrics"]:
-            continue
-        table.add_row(label, _fmt(report[key], digits), "unavailable" if key in un else note)
-    for h in report.get("heads", []):
-        table.add_row(f"  head {h['head']}", _fmt(h["codebook_usage"], 4), f"perplexity {h['perplexity']:.1f}")
-    Console(highlight=False, soft_wrap=True).print(table)
-    for key, why in un.items():
+        if key in report["metrics"]:
+            table.add_row(label, _fmt(report[key], digits), "unavailable" if key in un else note)
+    return table
+
+
+def _codebook_table(report: dict):
+    """Usage and perplexity over all heads, then per head, under their own column headers; the
+    agreement of the two assignments is the caption, a share of tokens, not a per-head figure."""
+    from rich.table import Table
+
+    cb, assign = report["codebook"], report["protocol"]["assign"]
+    other = "nearest" if assign == "sinkhorn" else "sinkhorn"
+    table = Table(
+        title=f"codebook: {cb['n_codes']} codes, {cb['heads']} head(s), {cb['tokens']} tokens ({assign})",
+        caption=f"{other} assignment chooses the same code on {_fmt(cb['assignment_agreement'])} of the tokens",
+    )
+    table.add_column("heads")
+    table.add_column("codebook usage", justify="right")
+    table.add_column("perplexity", justify="right")
+    table.add_row("all", _fmt(report["codebook_usage"]), _fmt(report["perplexity"], 1))
+    for h in report["heads"]:
+        table.add_row(f"head {h['head']}", _fmt(h["codebook_usage"]), _fmt(h["perplexity"], 1))
+    return table
+
+
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+
+    out = Console(highlight=False, soft_wrap=True)
+    if any(m != "usage" for m in report["metrics"]):
+        out.print(_quality_table(report))
+    if "codebook" in report:
+        out.print(_codebook_table(report))
+    for key, why in report["unavailable"].items():
         console.print(f"[yellow]{key} unavailable:[/] {why}", highlight=False, soft_wrap=True)
 
 
@@ -153,7 +173,7 @@ def eval_(
         save_usage_plot(result.counts, plot)
     if samples is not None:
         save_sample_grid(result.samples, samples)
-    _print_table(report)
+    _print_report(report)
     for flag, path in (("report", json_path), ("usage plot", plot), ("samples", samples)):
         if path is not None:
             console.print(f"wrote {flag}: {path}", highlight=False, soft_wrap=True)

@@ -347,10 +347,15 @@ class _Perceptual:
         if "rfid" in wanted:
             try:
                 path = weights.locate("inception", opts.inception_weights, opts.offline, log=log)
-                self.inception = perceptual.load_inception(path, device)
-                self.sha["rfid"] = sha256_file(path)
             except weights.WeightsUnavailable as e:
                 self.unavailable["rfid"] = str(e)
+                return
+            if weights.is_torchscript("inception", path):  # converted in memory, never into the cache
+                state, self.sha["rfid"] = weights.torchscript_inception(path)
+                self.inception = perceptual.inception_from_state(state, device)
+            else:
+                self.inception = perceptual.load_inception(path, device)
+                self.sha["rfid"] = sha256_file(path)
 
 
 @dataclass
