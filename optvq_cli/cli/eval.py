@@ -45,13 +45,14 @@ def _quality_table(report: dict):
     table.add_column("value", justify="right")
     table.add_column("note")
     rows = [
-        ("psnr", "PSNR (dB)", 2, p["psnr"]["channel"]),
+        ("psnr_y", "PSNR-Y (dB)", 2, p["psnr_y"]["channel"]),
+        ("psnr_rgb", "PSNR-RGB (dB)", 2, p["psnr_rgb"]["channel"]),
         ("ssim", "SSIM", 4, p["ssim"]["channel"]),
         ("lpips", f"LPIPS ({p['lpips']['net']})", 4, "v0.1"),
         ("rfid", "rFID", 3, "Inception-v3 TF 2015-12-05, pool3"),
     ]
     for key, label, digits, note in rows:
-        if key in report["metrics"]:
+        if key.split("_")[0] in report["metrics"]:
             table.add_row(label, _fmt(report[key], digits), "unavailable" if key in un else note)
     return table
 
@@ -100,7 +101,9 @@ def eval_(
     against: Path = typer.Option(None, "--against", help="No model: compare DATA with this folder, paired by path."),
     metrics: str = typer.Option(None, "--metrics", help="Comma list of psnr,ssim,lpips,rfid,usage (default: all)."),
     lpips_net: str = typer.Option("vgg", "--lpips-net", help="LPIPS backbone: vgg or alex."),
-    protocol: str = typer.Option("optvq", "--protocol", help="optvq: PSNR/SSIM on luma as the authors; rgb: on RGB."),
+    protocol: str = typer.Option(
+        "optvq", "--protocol", help="SSIM on luma as the authors (optvq) or on RGB (rgb); PSNR is reported on both."
+    ),
     resolution: int = typer.Option(
         None,
         "--resolution",

@@ -173,7 +173,8 @@ class Sums:
     """Everything additive that the report is made of."""
 
     count: int = 0
-    psnr: float = 0.0
+    psnr_y: float = 0.0  # BT.601 luma
+    psnr_rgb: float = 0.0  # all channels
     ssim: float = 0.0
     lpips: float = 0.0
     agree: int = 0
@@ -264,11 +265,12 @@ def _reduce(sums: Sums) -> Sums:
     created = D.init_from_env()  # no device: gloo, for the CPU tensors below
     try:
         scalars = torch.tensor(
-            [sums.count, sums.psnr, sums.ssim, sums.lpips, sums.agree, sums.tokens], dtype=torch.float64
+            [sums.count, sums.psnr_y, sums.psnr_rgb, sums.ssim, sums.lpips, sums.agree, sums.tokens],
+            dtype=torch.float64,
         )
         D.all_reduce_sum(scalars)
-        count, psnr, ssim, lpips, agree, tokens = scalars.tolist()
-        out = Sums(int(count), psnr, ssim, lpips, int(agree), int(tokens))
+        count, psnr_y, psnr_rgb, ssim, lpips, agree, tokens = scalars.tolist()
+        out = Sums(int(count), psnr_y, psnr_rgb, ssim, lpips, int(agree), int(tokens))
         if sums.counts is not None:
             out.counts = D.all_reduce_sum(sums.counts.clone())
         out.real = _reduce_stats(sums.real) if sums.real is not None else None
@@ -368,7 +370,7 @@ class _Job:
     model: Any  # None: DATA against OTHER
     resolution: int | None  # None: each pair at its own size
     mode: str  # "RGB" or "L"
-    channel: str  # PSNR/SSIM channel: "y" or "rgb"
+    channel: str  # SSIM channel: "y" or "rgb"
     rel: list[str]
     other: list[Path] | None
     nets: _Perceptual | None = None
@@ -510,7 +512,9 @@ def _measure(job: _Job, sums: Sums, img: torch.Tensor, oimg: torch.Tensor):
 def _accumulate(job: _Job, sums: Sums, x01: torch.Tensor, y01: torch.Tensor) -> None:
     sums.count += x01.shape[0]
     if job.computes("psnr"):
-        sums.psnr += float(M.psnr(x01, y01, job.channel).sum())
+        grey = x01.shape[1] == 1  # one grey channel is its own luma
+        sums.psnr_y += float(M.psnr(x01, y01, "rgb" if grey else "y").sum())
+        sums.psnr_rgb += float(M.psnr(x01, y01, "rgb").sum())
     if job.computes("ssim"):
         sums.ssim += float(M.ssim(x01, y01, job.channel).sum())
     nets = job.nets
@@ -640,14 +644,12 @@ def _geometry(resolution: int | None) -> dict[str, Any]:
     }
 
 
-def _psnr_ssim_protocol(channel: str) -> dict[str, Any]:
+def _psnr_ssim_protocol(channel: str, mode: str) -> dict[str, Any]:
+    psnr = {"data_range": 1.0, "mse_eps": M.PSNR_EPS, "backend": "optvq_cli.eval.metrics.psnr (pyiqa's definition)"}
+    luma = "Y of YCbCr (BT.601, studio swing)" if mode == "RGB" else "the grey channel (its own luma)"
     return {
-        "psnr": {
-            "channel": "Y of YCbCr (BT.601, studio swing)" if channel == "y" else "RGB",
-            "data_range": 1.0,
-            "mse_eps": M.PSNR_EPS,
-            "backend": "optvq_cli.eval.metrics.psnr (pyiqa's definition)",
-        },
+        "psnr_y": {"channel": luma, **psnr},
+        "psnr_rgb": {"channel": "R, G and B" if mode == "RGB" else "the grey channel", **psnr},
         "ssim": {
             "channel": "Y of YIQ (0.299 R + 0.587 G + 0.114 B)" if channel == "y" else "RGB, per channel, averaged",
             "values": "x 255, rounded to 8-bit levels",
@@ -710,7 +712,7 @@ def _protocol(job: _Job, world_size: int) -> dict[str, Any]:
         "against": str(opts.against) if opts.against is not None else None,
         **_geometry(job.resolution),
         "range": "[0, 1]; reconstructions clamped to [0, 1], not rounded (except for rFID)",
-        **_psnr_ssim_protocol(job.channel),
+        **_psnr_ssim_protocol(job.channel, job.mode),
         **_perceptual_protocol(job),
         "limit": opts.limit,
         "batch_size": opts.batch_size,
@@ -725,7 +727,8 @@ def _report(job: _Job, sums: Sums, world_size: int) -> dict[str, Any]:
     unavailable = dict(job.unavailable)
     n = sums.count
     report: dict[str, Any] = {
-        "psnr": M.mean_or_none(sums.psnr, n) if job.computes("psnr") else None,
+        "psnr_y": M.mean_or_none(sums.psnr_y, n) if job.computes("psnr") else None,
+        "psnr_rgb": M.mean_or_none(sums.psnr_rgb, n) if job.computes("psnr") else None,
         "ssim": M.mean_or_none(sums.ssim, n) if job.computes("ssim") else None,
         "lpips": M.mean_or_none(sums.lpips, n) if job.nets.lpips is not None else None,
         "rfid": _rfid(sums, job.ref_loaded, unavailable) if job.nets.inception is not None else None,
@@ -746,7 +749,7 @@ def _report(job: _Job, sums: Sums, world_size: int) -> dict[str, Any]:
     report["unavailable"] = unavailable
     report["failed"] = [{"path": path, "reason": why} for path, why in sums.failed]
     report["protocol"] = _protocol(job, world_size)
-    for k in ("psnr", "ssim", "lpips", "rfid"):
+    for k in ("psnr_y", "psnr_rgb", "ssim", "lpips", "rfid"):
         v = report[k]
         if v is not None and not math.isfinite(v):
             raise RuntimeError(f"{k} came out {v}; this is a bug, please report it")
