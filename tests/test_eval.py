@@ -352,3 +352,22 @@ def test_two_gloo_processes_report_what_one_does(photos, tiny_model_dir, tmp_pat
     for key in ("psnr_y", "psnr_rgb", "ssim", "codebook_usage", "perplexity", "assignment_agreement"):
         assert a[key] == pytest.approx(b[key], rel=1e-9), key
     assert a["codebook"]["most_used"] == b["codebook"]["most_used"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_gather_the_skipped_images(photos, tmp_path):
+    """An unreadable image met by the second process is listed in the first one's report."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    (data / "cls" / "a_broken.png").write_bytes(b"not a png")  # third in sorted order: batch 1, rank 1
+    out = tmp_path / "r.json"
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "optvq_cli"]
+    args = ["eval", str(data), "--against", str(data), "-b", "2", "--metrics", "psnr", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPTVQ_OFFLINE": "1"}
+    proc = subprocess.run([*run, *args], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "1 image(s) skipped" in proc.stderr, proc.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["protocol"]["world_size"] == 2 and rep["count"] == len(PHOTOS)
+    assert [f["path"] for f in rep["failed"]] == [str(data / "cls" / "a_broken.png")]

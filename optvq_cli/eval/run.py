@@ -30,6 +30,7 @@ from optvq_cli.core.images import RESAMPLE, ImageError, Preprocess, image_extens
 from optvq_cli.core.walk import walk_files
 from optvq_cli.eval import metrics as M
 from optvq_cli.quant import ASSIGN_MODES
+from optvq_cli.quant.quantizer import codebook_stats
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage")
 PROTOCOLS = ("optvq", "rgb")
@@ -502,7 +503,7 @@ def _measure(job: _Job, sums: Sums, img: torch.Tensor, oimg: torch.Tensor):
     else:
         y01, idx, other_idx = _reconstruct(job.model, x01, job.opts.assign, job.want_usage)
         if job.want_usage:
-            sums.counts += M.count_codes(idx, job.model.quantizer.n_codes)
+            sums.counts += codebook_stats(idx, job.model.quantizer.n_codes).counts
             sums.agree += int((idx == other_idx).sum())
             sums.tokens += idx.numel()
     _accumulate(job, sums, x01, y01)
