@@ -180,6 +180,23 @@ def test_against_compares_at_the_images_own_size(tmp_path):
     assert rep["protocol"]["resolution"] is None and rep["protocol"]["resize"] == "none"
 
 
+def test_against_pairs_of_several_sizes_in_one_batch(tmp_path):
+    """Pairs of their own sizes (40 x 24 and 32 x 32) share a batch; the sample grid's cells fit
+    the largest image."""
+    orig = _halves(tmp_path / "orig", "a.png", 100, 200)
+    _halves(orig, "b.png", 100, 200, size=(32, 32))
+    other = _halves(tmp_path / "other", "a.png", 100, 210)
+    _halves(other, "b.png", 100, 200, size=(32, 32))
+    out, grid = tmp_path / "r.json", tmp_path / "grid.png"
+    code, text = _invoke("eval", orig, "--against", other, "--metrics", "psnr", "--json", out, "--samples", grid)
+    assert code == 0, text
+    rep = json.loads(out.read_text())
+    mse = (10 / 255) ** 2 * 10 / 40
+    assert rep["count"] == 2
+    assert rep["psnr_rgb"] == pytest.approx((10 * math.log10(1 / (mse + 1e-8)) + 80.0) / 2, rel=1e-6)
+    assert Image.open(grid).size == (2 * 40 + 3 * 2, 2 * 32 + 3 * 2)
+
+
 def test_against_refuses_pairs_of_different_sizes(tmp_path):
     """A 64 x 32 side-by-side against a 32 x 32 image: one line naming both files and sizes, no
     figure; with --resolution both are cropped and resized as asked."""
