@@ -14,11 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_encode import preprocess_by_hand  # the model's protocol done independently, shared with encode
-from typer.testing import CliRunner
 
-from optvq_cli.cli import app
-from optvq_cli.core.errors import UserError
 from optvq_cli.eval.run import EvalOptions, list_images, run_eval
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
@@ -51,19 +47,10 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
-def _invoke(*args: str):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if isinstance(result.exception, UserError):
-        return 1, str(result.exception)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
 # -- preprocessing and pairing --------------------------------------------------------------------
 
 
-def test_eval_sees_the_pixels_encode_sees(tmp_path):
+def test_eval_sees_the_pixels_encode_sees(tmp_path, preprocess_reference):
     """Eval reads images with the model's protocol (centre square, then resized; transparency on
     white): a 60 x 30 image of three stripes keeps its green middle, and an RGBA image's
     transparent half is white, as `optvq encode` sees them."""
@@ -79,8 +66,8 @@ def test_eval_sees_the_pixels_encode_sees(tmp_path):
     _, half, err, _, _ = items[0]
     _, stripes, err2, _, _ = items[1]
     assert err == err2 == ""
-    assert np.array_equal(half.permute(1, 2, 0).numpy(), preprocess_by_hand(tmp_path / "half.png", 16))
-    assert np.array_equal(stripes.permute(1, 2, 0).numpy(), preprocess_by_hand(tmp_path / "stripes.png", 16))
+    assert np.array_equal(half.permute(1, 2, 0).numpy(), preprocess_reference(tmp_path / "half.png", 16))
+    assert np.array_equal(stripes.permute(1, 2, 0).numpy(), preprocess_reference(tmp_path / "stripes.png", 16))
     assert stripes[1, :, 8].min() == 255 and stripes[0, :, 8].max() == 0  # centre column is green
     assert half[:, :, 12].min() == 255  # the transparent half is white
 
@@ -119,9 +106,9 @@ def test_against_psnr_by_hand_both_protocols(tmp_path):
         assert rep["ssim"] == pytest.approx(((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1) + 1) / 2, rel=1e-12)
 
 
-def test_against_identical_folder_report_keys_and_protocol(photos, tmp_path):
+def test_against_identical_folder_report_keys_and_protocol(photos, tmp_path, invoke):
     out = tmp_path / "r.json"
-    code, text = _invoke("eval", photos, "--against", photos, "--json", out, "--size", 64)
+    code, text = invoke("eval", photos, "--against", photos, "--json", out, "--size", 64)
     assert code == 0, text
     rep = json.loads(out.read_text())
     assert TOP_KEYS <= set(rep)
@@ -143,7 +130,7 @@ def test_against_identical_folder_report_keys_and_protocol(photos, tmp_path):
     assert "unavailable" in text  # the table says so too
 
 
-def test_against_pairs_by_relative_path_ignoring_extension(tmp_path):
+def test_against_pairs_by_relative_path_ignoring_extension(tmp_path, invoke):
     orig = _flat(tmp_path, "orig", {"a": 10, "b": 20})
     other = tmp_path / "other"
     other.mkdir()
@@ -152,7 +139,7 @@ def test_against_pairs_by_relative_path_ignoring_extension(tmp_path):
     rep = run_eval(EvalOptions(orig, against=other, resolution=32, metrics=("psnr",))).report
     assert rep["psnr_y"] > 50  # each paired with its own grey level, not the other one
     (other / "b.jpg").unlink()
-    code, text = _invoke("eval", orig, "--against", other, "--size", 32)
+    code, text = invoke("eval", orig, "--against", other, "--size", 32)
     assert code == 1 and "no counterpart" in text and "b.png" in text
 
 
@@ -166,13 +153,13 @@ def _halves(folder: Path, name: str, left: int, right: int, size: tuple[int, int
     return folder
 
 
-def test_against_compares_at_the_images_own_size(tmp_path):
+def test_against_compares_at_the_images_own_size(tmp_path, invoke):
     """Without --resolution, 40 x 24 pairs are compared as they are: the 10 changed columns are a
     quarter of the pixels (a centre square resized to 256 would see another share)."""
     orig = _halves(tmp_path / "orig", "a.png", 100, 200)
     other = _halves(tmp_path / "other", "a.png", 100, 210)
     out = tmp_path / "r.json"
-    code, text = _invoke("eval", orig, "--against", other, "--protocol", "rgb", "--metrics", "psnr", "--json", out)
+    code, text = invoke("eval", orig, "--against", other, "--protocol", "rgb", "--metrics", "psnr", "--json", out)
     assert code == 0, text
     rep = json.loads(out.read_text())
     mse = (10 / 255) ** 2 * 10 / 40  # 10 of 40 columns differ by 10 grey levels
@@ -180,7 +167,7 @@ def test_against_compares_at_the_images_own_size(tmp_path):
     assert rep["protocol"]["resolution"] is None and rep["protocol"]["resize"] == "none"
 
 
-def test_against_pairs_of_several_sizes_in_one_batch(tmp_path):
+def test_against_pairs_of_several_sizes_in_one_batch(tmp_path, invoke):
     """Pairs of their own sizes (40 x 24 and 32 x 32) share a batch; the sample grid's cells fit
     the largest image."""
     orig = _halves(tmp_path / "orig", "a.png", 100, 200)
@@ -188,7 +175,7 @@ def test_against_pairs_of_several_sizes_in_one_batch(tmp_path):
     other = _halves(tmp_path / "other", "a.png", 100, 210)
     _halves(other, "b.png", 100, 200, size=(32, 32))
     out, grid = tmp_path / "r.json", tmp_path / "grid.png"
-    code, text = _invoke("eval", orig, "--against", other, "--metrics", "psnr", "--json", out, "--samples", grid)
+    code, text = invoke("eval", orig, "--against", other, "--metrics", "psnr", "--json", out, "--samples", grid)
     assert code == 0, text
     rep = json.loads(out.read_text())
     mse = (10 / 255) ** 2 * 10 / 40
@@ -197,27 +184,27 @@ def test_against_pairs_of_several_sizes_in_one_batch(tmp_path):
     assert Image.open(grid).size == (2 * 40 + 3 * 2, 2 * 32 + 3 * 2)
 
 
-def test_against_refuses_pairs_of_different_sizes(tmp_path):
+def test_against_refuses_pairs_of_different_sizes(tmp_path, invoke):
     """A 64 x 32 side-by-side against a 32 x 32 image: one line naming both files and sizes, no
     figure; with --resolution both are cropped and resized as asked."""
     orig = _halves(tmp_path / "orig", "a.png", 100, 200, size=(64, 32))
     other = _halves(tmp_path / "other", "a.png", 100, 200, size=(32, 32))
     out = tmp_path / "r.json"
-    code, text = _invoke("eval", orig, "--against", other, "--json", out)
+    code, text = invoke("eval", orig, "--against", other, "--json", out)
     assert code == 1 and not out.exists()
     assert str(orig / "a.png") in text and str(other / "a.png") in text and "64x32" in text and "32x32" in text
     assert "\n" not in text.strip() and "--resolution" in text
-    code, text = _invoke("eval", orig, "--against", other, "--resolution", 32, "--json", out)
+    code, text = invoke("eval", orig, "--against", other, "--resolution", 32, "--json", out)
     assert code == 0, text
 
 
-def test_unreadable_image_is_skipped_counted_and_exit_1(tmp_path):
+def test_unreadable_image_is_skipped_counted_and_exit_1(tmp_path, invoke):
     """Like encode: one line for the bad file, the rest evaluated, exit 1 at the end."""
     orig = _flat(tmp_path, "orig", {"a": 100, "b": 50})
     other = _flat(tmp_path, "other", {"a": 110, "b": 50, "c": 7})
     (orig / "c.png").write_bytes(b"not a png")
     out = tmp_path / "r.json"
-    code, text = _invoke("eval", orig, "--against", other, "--protocol", "rgb", "--metrics", "psnr", "--json", out)
+    code, text = invoke("eval", orig, "--against", other, "--protocol", "rgb", "--metrics", "psnr", "--json", out)
     assert code == 1
     assert [line for line in text.splitlines() if "c.png" in line] == [
         f"skipped {orig / 'c.png'}: not an image Pillow can read"
@@ -245,12 +232,12 @@ def test_workers_give_the_same_figures(photos):
 # -- with a model ---------------------------------------------------------------------------------
 
 
-def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_path):
+def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_path, invoke, preprocess_reference):
     from optvq_cli.model import load_model
 
     out, plot, grid = tmp_path / "r.json", tmp_path / "usage.png", tmp_path / "grid.png"
     args = ["eval", photos, "--model", tiny_model_dir, "-b", 5, "--json", out, "--plot", plot, "--samples", grid]
-    code, text = _invoke(*args)
+    code, text = invoke(*args)
     assert code == 0, text
     rep = json.loads(out.read_text())
     assert TOP_KEYS <= set(rep)
@@ -258,7 +245,7 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
     # Recompute independently with the model's own token path (encode_indices/decode_indices).
     model = load_model(str(tiny_model_dir), device="cpu")
     x = torch.stack(
-        [torch.from_numpy(preprocess_by_hand(photos / r)).permute(2, 0, 1) for r in list_images(photos)]
+        [torch.from_numpy(preprocess_reference(photos / r)).permute(2, 0, 1) for r in list_images(photos)]
     ).float()
     x = x / 255
     idx = model.encode_indices(x * 2 - 1, assign="sinkhorn")  # one batch of 5, as with -b 5
@@ -285,14 +272,14 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
     g = Image.open(grid)
     assert g.size[1] == 2 * 32 + 3 * 2  # originals over reconstructions
 
-    code, text = _invoke(*args)  # outputs exist now
+    code, text = invoke(*args)  # outputs exist now
     assert code == 1 and "--overwrite" in text
 
 
-def test_text_report_keeps_per_head_rows_in_the_codebook_table(photos, tiny_model_dir):
+def test_text_report_keeps_per_head_rows_in_the_codebook_table(photos, tiny_model_dir, invoke):
     """Per-head usage sits under its own column headers, not under the assignment agreement, which
     is one figure (a share of tokens) stated once, after the heads."""
-    code, text = _invoke("eval", photos, "--model", tiny_model_dir, "--metrics", "psnr,usage", "--limit", 2)
+    code, text = invoke("eval", photos, "--model", tiny_model_dir, "--metrics", "psnr,usage", "--limit", 2)
     assert code == 0, text
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if "codebook usage" in line and "perplexity" in line)
@@ -303,8 +290,8 @@ def test_text_report_keeps_per_head_rows_in_the_codebook_table(photos, tiny_mode
     assert not any("perplexity" in lines[i] for i in heads)  # a column of its own, not a note
 
 
-def test_help_describes_resolution_as_crop_then_resize():
-    code, text = _invoke("eval", "--help")
+def test_help_describes_resolution_as_crop_then_resize(invoke):
+    code, text = invoke("eval", "--help")
     assert code == 0
     flat = " ".join(text.replace("│", " ").split())
     assert "--resolution" in flat and "--size" in flat  # the old spelling keeps working
@@ -312,9 +299,9 @@ def test_help_describes_resolution_as_crop_then_resize():
     assert "Shorter side resized" not in flat
 
 
-def test_no_model_means_the_bundled_default(photos, tmp_path):
+def test_no_model_means_the_bundled_default(photos, tmp_path, invoke):
     out = tmp_path / "r.json"
-    code, text = _invoke("eval", photos, "--metrics", "psnr,usage", "--limit", 2, "--json", out)
+    code, text = invoke("eval", photos, "--metrics", "psnr,usage", "--limit", 2, "--json", out)
     assert code == 0, text
     rep = json.loads(out.read_text())
     assert rep["protocol"]["model"]["ref"] == "default" and rep["count"] == 2
@@ -322,7 +309,7 @@ def test_no_model_means_the_bundled_default(photos, tmp_path):
     assert rep["protocol"]["model"]["n_codes"] == bundled["model"]["n_codes"]
 
 
-def test_bad_input_is_one_line(photos, tmp_path, tiny_model_dir):
+def test_bad_input_is_one_line(photos, tmp_path, tiny_model_dir, invoke):
     cases = [
         (["eval", tmp_path / "nope", "--against", photos], "not a folder"),
         (["eval", photos, "--model", tiny_model_dir, "--against", photos], "not both"),
@@ -332,12 +319,12 @@ def test_bad_input_is_one_line(photos, tmp_path, tiny_model_dir):
         (["eval", photos, "--against", photos, "--protocol", "srgb"], "--protocol"),
     ]
     for args, needle in cases:
-        code, text = _invoke(*args)
+        code, text = invoke(*args)
         assert code != 0 and needle in text, (args, text)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(b"not a png")
-    code, text = _invoke("eval", broken, "--against", broken)
+    code, text = invoke("eval", broken, "--against", broken)
     assert code == 1 and "x.png" in text and "cannot read" in text
 
 
