@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from optvq_cli.core import dist as D
 from optvq_cli.core.errors import UserError
-from optvq_cli.core.fileio import atomic_write, sha256_file
+from optvq_cli.core.fileio import atomic_write, sha256_file, write_safetensors
 from optvq_cli.core.images import RESAMPLE, ImageError, Preprocess, image_extensions, read_image, read_size
 from optvq_cli.core.walk import walk_files
 from optvq_cli.eval import metrics as M
@@ -35,7 +35,6 @@ from optvq_cli.quant.quantizer import codebook_stats
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage")
 PROTOCOLS = ("optvq", "rgb")
 LPIPS_NETS = ("vgg", "alex")
-DEFAULT_RESOLUTION = 256
 N_EXTREME = 10  # most / least used codes listed in the report
 
 
@@ -235,10 +234,7 @@ def load_ref_stats(path: Path, expect: dict[str, str]) -> tuple[np.ndarray, np.n
 
 
 def save_ref_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {"mu": torch.from_numpy(np.ascontiguousarray(mu)), "sigma": torch.from_numpy(np.ascontiguousarray(sigma))}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_safetensors(path, {"mu": mu, "sigma": sigma}, metadata=meta)
 
 
 # -- distributed ----------------------------------------------------------------------------------
