@@ -19,7 +19,7 @@ def main() -> None:
     for label, run in runs:
         rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
         train = [r for r in rows if r.get("split") == "train"]
-        ax_psnr.plot([r["epoch"] for r in train], [r["psnr"] for r in train], label=label)
+        ax_psnr.plot([r["epoch"] for r in train], [r.get("psnr_y", r.get("psnr")) for r in train], label=label)
         ax_use.plot([r["epoch"] for r in train], [100 * r["codebook_usage"] for r in train], label=label)
     ax_psnr.set(xlabel="epoch", ylabel="training-batch PSNR (dB)", title="reconstruction")
     ax_use.set(xlabel="epoch", ylabel="codes used in the batch (%)", title="codebook usage", yscale="log")

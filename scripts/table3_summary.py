@@ -28,7 +28,8 @@ def final_val(run: Path) -> dict | None:
     train = [r for r in rows if r.get("split") == "train" and "l2" in r]
     if not val:
         return None
-    return {**val[-1], "train_l2": train[-1]["l2"] if train else None}
+    row = val[-1]
+    return {**row, "psnr_y": row.get("psnr_y", row.get("psnr")), "train_l2": train[-1]["l2"] if train else None}
 
 
 def main() -> None:
@@ -36,14 +37,14 @@ def main() -> None:
     results = {(q, n): final_val(runs / f"{q}-{n}") for q in LABELS for n in SIZES}
     print("| codebook size | " + " | ".join(str(n) for n in SIZES) + " |")
     print("|---|" + "---|" * len(SIZES))
-    for key, name, fmt in [("psnr", "test PSNR (dB)", "{:.2f}"), ("codebook_usage", "code usage", "{:.2%}")]:
+    for key, name, fmt in [("psnr_y", "test PSNR (dB)", "{:.2f}"), ("codebook_usage", "code usage", "{:.2%}")]:
         for q, label in LABELS.items():
             cells = [fmt.format(r[key]) if (r := results[q, n]) else "–" for n in SIZES]
             print(f"| {name}, {label} | " + " | ".join(cells) + " |")
     fig, (ax_psnr, ax_use) = plt.subplots(1, 2, figsize=(10, 3.6))
     for q, label in LABELS.items():
         done = [(n, r) for n in SIZES if (r := results[q, n])]
-        ax_psnr.plot([n for n, _ in done], [r["psnr"] for _, r in done], "o-", label=label)
+        ax_psnr.plot([n for n, _ in done], [r["psnr_y"] for _, r in done], "o-", label=label)
         ax_use.plot([n for n, _ in done], [100 * r["codebook_usage"] for _, r in done], "o-", label=label)
     ax_psnr.set(xlabel="codebook size", ylabel="test PSNR (dB)", title="reconstruction", xscale="log")
     ax_use.set(xlabel="codebook size", ylabel="codes used (%)", title="codebook usage", xscale="log", yscale="log")

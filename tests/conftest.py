@@ -46,3 +46,46 @@ def other_model_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(123)
     return save_model(build_model("tiny"), tmp_path_factory.mktemp("other-model"))
+
+
+def _invoke_cli(*args):
+    """(exit code, output) of `optvq ARGS` run in-process; a UserError counts as exit 1 with its message."""
+    from typer.testing import CliRunner
+
+    from optvq_cli.cli import app
+    from optvq_cli.core.errors import UserError
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if isinstance(result.exception, UserError):
+        return 1, str(result.exception)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def invoke():
+    """The in-process CLI runner: ``invoke("eval", folder, "--json", path) -> (code, output)``."""
+    return _invoke_cli
+
+
+def _preprocess_reference(path: Path, size: int = 32):
+    """The model's protocol done independently: EXIF-less RGB on white, centre square of the shorter
+    side, resized to size x size with Pillow's bicubic filter; (size, size, 3) uint8."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, im).convert("RGB")
+    w, h = rgb.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return np.array(rgb.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC))
+
+
+@pytest.fixture
+def preprocess_reference():
+    """``preprocess_reference(path, size=32)``: what the model should see of an image, by hand."""
+    return _preprocess_reference

@@ -14,15 +14,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_encode import preprocess_by_hand  # the model's protocol done independently, shared with encode
-from typer.testing import CliRunner
 
-from optvq_cli.cli import app
-from optvq_cli.core.errors import UserError
 from optvq_cli.eval.run import EvalOptions, list_images, run_eval
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
-TOP_KEYS = {"psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "count", "protocol", "heads"}
+TOP_KEYS = {"psnr_y", "psnr_rgb", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "count", "protocol", "heads"}
 
 
 @pytest.fixture(autouse=True)
@@ -51,19 +47,10 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
-def _invoke(*args: str):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if isinstance(result.exception, UserError):
-        return 1, str(result.exception)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
 # -- preprocessing and pairing --------------------------------------------------------------------
 
 
-def test_eval_sees_the_pixels_encode_sees(tmp_path):
+def test_eval_sees_the_pixels_encode_sees(tmp_path, preprocess_reference):
     """Eval reads images with the model's protocol (centre square, then resized; transparency on
     white): a 60 x 30 image of three stripes keeps its green middle, and an RGBA image's
     transparent half is white, as `optvq encode` sees them."""
@@ -79,8 +66,8 @@ def test_eval_sees_the_pixels_encode_sees(tmp_path):
     _, half, err, _, _ = items[0]
     _, stripes, err2, _, _ = items[1]
     assert err == err2 == ""
-    assert np.array_equal(half.permute(1, 2, 0).numpy(), preprocess_by_hand(tmp_path / "half.png", 16))
-    assert np.array_equal(stripes.permute(1, 2, 0).numpy(), preprocess_by_hand(tmp_path / "stripes.png", 16))
+    assert np.array_equal(half.permute(1, 2, 0).numpy(), preprocess_reference(tmp_path / "half.png", 16))
+    assert np.array_equal(stripes.permute(1, 2, 0).numpy(), preprocess_reference(tmp_path / "stripes.png", 16))
     assert stripes[1, :, 8].min() == 255 and stripes[0, :, 8].max() == 0  # centre column is green
     assert half[:, :, 12].min() == 255  # the transparent half is white
 
@@ -109,51 +96,129 @@ def test_against_psnr_by_hand_both_protocols(tmp_path):
         opts = EvalOptions(orig, against=other, protocol=protocol, resolution=32, metrics=("psnr", "ssim"))
         rep = run_eval(opts).report
         assert rep["count"] == 2
-        assert rep["psnr"] == pytest.approx((first + 80.0) / 2, rel=1e-7)  # inputs are float32
+        # each key names its channel definition, whatever the protocol (which picks SSIM's channel)
+        assert rep["psnr_rgb"] == pytest.approx((rgb + 80.0) / 2, rel=1e-7)  # inputs are float32
+        assert rep["psnr_y"] == pytest.approx((y + 80.0) / 2, rel=1e-7)
+        assert "psnr" not in rep and first in (rgb, y)
         # flat images: only the luminance term, (2ab + C1) / (a^2 + b^2 + C1) with C1 = (0.01 * 255)^2;
         # grey levels are their own luma in both protocols
         c1 = (0.01 * 255) ** 2
         assert rep["ssim"] == pytest.approx(((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1) + 1) / 2, rel=1e-12)
 
 
-def test_against_identical_folder_report_keys_and_protocol(photos, tmp_path):
+def test_against_identical_folder_report_keys_and_protocol(photos, tmp_path, invoke):
     out = tmp_path / "r.json"
-    code, text = _invoke("eval", photos, "--against", photos, "--json", out, "--size", 64)
+    code, text = invoke("eval", photos, "--against", photos, "--json", out, "--size", 64)
     assert code == 0, text
     rep = json.loads(out.read_text())
     assert TOP_KEYS <= set(rep)
     assert rep["count"] == len(PHOTOS)
-    assert rep["psnr"] == pytest.approx(80.0) and rep["ssim"] == pytest.approx(1.0)
+    assert rep["psnr_y"] == rep["psnr_rgb"] == pytest.approx(80.0) and rep["ssim"] == pytest.approx(1.0)
     # no weights, offline: unavailable with a one-line fix, the rest still computed
     assert rep["lpips"] is None and rep["rfid"] is None
     for key in ("lpips", "rfid"):
         assert "optvq weights fetch" in rep["unavailable"][key] and "\n" not in rep["unavailable"][key]
     assert rep["codebook_usage"] is None and rep["heads"] == []
     p = rep["protocol"]
-    for key in ("resolution", "resize", "crop", "psnr", "ssim", "lpips", "rfid"):
+    for key in ("resolution", "resize", "crop", "psnr_y", "psnr_rgb", "ssim", "lpips", "rfid"):
         assert key in p
     assert p["resolution"] == 64 and p["name"] == "optvq"
     assert p["lpips"]["net"] == "vgg" and p["lpips"]["weights_sha256"] is None
-    assert "YCbCr" in p["psnr"]["channel"] and "YIQ" in p["ssim"]["channel"]
+    assert (
+        "YCbCr" in p["psnr_y"]["channel"] and "R, G and B" == p["psnr_rgb"]["channel"] and "YIQ" in p["ssim"]["channel"]
+    )
     assert "unavailable" in text  # the table says so too
 
 
-def test_against_pairs_by_relative_path_ignoring_extension(tmp_path):
+def test_against_pairs_by_relative_path_ignoring_extension(tmp_path, invoke):
     orig = _flat(tmp_path, "orig", {"a": 10, "b": 20})
     other = tmp_path / "other"
     other.mkdir()
     Image.fromarray(np.full((32, 32, 3), 20, dtype=np.uint8)).save(other / "b.jpg", quality=100)
     Image.fromarray(np.full((32, 32, 3), 10, dtype=np.uint8)).save(other / "a.bmp")
     rep = run_eval(EvalOptions(orig, against=other, resolution=32, metrics=("psnr",))).report
-    assert rep["psnr"] > 50  # each paired with its own grey level, not the other one
+    assert rep["psnr_y"] > 50  # each paired with its own grey level, not the other one
     (other / "b.jpg").unlink()
-    code, text = _invoke("eval", orig, "--against", other, "--size", 32)
+    code, text = invoke("eval", orig, "--against", other, "--size", 32)
     assert code == 1 and "no counterpart" in text and "b.png" in text
+
+
+def _halves(folder: Path, name: str, left: int, right: int, size: tuple[int, int] = (40, 24)) -> Path:
+    """A w x h image: grey level ``left`` in the left 30 columns, ``right`` in the rest."""
+    folder.mkdir(exist_ok=True)
+    w, h = size
+    arr = np.full((h, w, 3), left, dtype=np.uint8)
+    arr[:, 30:] = right
+    Image.fromarray(arr).save(folder / name)
+    return folder
+
+
+def test_against_compares_at_the_images_own_size(tmp_path, invoke):
+    """Without --resolution, 40 x 24 pairs are compared as they are: the 10 changed columns are a
+    quarter of the pixels (a centre square resized to 256 would see another share)."""
+    orig = _halves(tmp_path / "orig", "a.png", 100, 200)
+    other = _halves(tmp_path / "other", "a.png", 100, 210)
+    out = tmp_path / "r.json"
+    code, text = invoke("eval", orig, "--against", other, "--protocol", "rgb", "--metrics", "psnr", "--json", out)
+    assert code == 0, text
+    rep = json.loads(out.read_text())
+    mse = (10 / 255) ** 2 * 10 / 40  # 10 of 40 columns differ by 10 grey levels
+    assert rep["psnr_rgb"] == pytest.approx(10 * math.log10(1 / (mse + 1e-8)), rel=1e-6)
+    assert rep["protocol"]["resolution"] is None and rep["protocol"]["resize"] == "none"
+
+
+def test_against_pairs_of_several_sizes_in_one_batch(tmp_path, invoke):
+    """Pairs of their own sizes (40 x 24 and 32 x 32) share a batch; the sample grid's cells fit
+    the largest image."""
+    orig = _halves(tmp_path / "orig", "a.png", 100, 200)
+    _halves(orig, "b.png", 100, 200, size=(32, 32))
+    other = _halves(tmp_path / "other", "a.png", 100, 210)
+    _halves(other, "b.png", 100, 200, size=(32, 32))
+    out, grid = tmp_path / "r.json", tmp_path / "grid.png"
+    code, text = invoke("eval", orig, "--against", other, "--metrics", "psnr", "--json", out, "--samples", grid)
+    assert code == 0, text
+    rep = json.loads(out.read_text())
+    mse = (10 / 255) ** 2 * 10 / 40
+    assert rep["count"] == 2
+    assert rep["psnr_rgb"] == pytest.approx((10 * math.log10(1 / (mse + 1e-8)) + 80.0) / 2, rel=1e-6)
+    assert Image.open(grid).size == (2 * 40 + 3 * 2, 2 * 32 + 3 * 2)
+
+
+def test_against_refuses_pairs_of_different_sizes(tmp_path, invoke):
+    """A 64 x 32 side-by-side against a 32 x 32 image: one line naming both files and sizes, no
+    figure; with --resolution both are cropped and resized as asked."""
+    orig = _halves(tmp_path / "orig", "a.png", 100, 200, size=(64, 32))
+    other = _halves(tmp_path / "other", "a.png", 100, 200, size=(32, 32))
+    out = tmp_path / "r.json"
+    code, text = invoke("eval", orig, "--against", other, "--json", out)
+    assert code == 1 and not out.exists()
+    assert str(orig / "a.png") in text and str(other / "a.png") in text and "64x32" in text and "32x32" in text
+    assert "\n" not in text.strip() and "--resolution" in text
+    code, text = invoke("eval", orig, "--against", other, "--resolution", 32, "--json", out)
+    assert code == 0, text
+
+
+def test_unreadable_image_is_skipped_counted_and_exit_1(tmp_path, invoke):
+    """Like encode: one line for the bad file, the rest evaluated, exit 1 at the end."""
+    orig = _flat(tmp_path, "orig", {"a": 100, "b": 50})
+    other = _flat(tmp_path, "other", {"a": 110, "b": 50, "c": 7})
+    (orig / "c.png").write_bytes(b"not a png")
+    out = tmp_path / "r.json"
+    code, text = invoke("eval", orig, "--against", other, "--protocol", "rgb", "--metrics", "psnr", "--json", out)
+    assert code == 1
+    assert [line for line in text.splitlines() if "c.png" in line] == [
+        f"skipped {orig / 'c.png'}: not an image Pillow can read"
+    ]
+    assert "1 image(s) skipped" in text
+    rep = json.loads(out.read_text())
+    assert rep["count"] == 2 and [f["path"] for f in rep["failed"]] == [str(orig / "c.png")]
+    rgb = 10 * math.log10(1 / ((10 / 255) ** 2 + 1e-8))
+    assert rep["psnr_rgb"] == pytest.approx((rgb + 80.0) / 2, rel=1e-6)  # a and b only
 
 
 def test_limit_and_metric_selection(photos):
     rep = run_eval(EvalOptions(photos, against=photos, limit=2, resolution=32, metrics=("ssim",))).report
-    assert rep["count"] == 2 and rep["psnr"] is None and rep["ssim"] == pytest.approx(1.0)
+    assert rep["count"] == 2 and rep["psnr_y"] is None and rep["psnr_rgb"] is None and rep["ssim"] == pytest.approx(1.0)
     assert rep["metrics"] == ["ssim"]
 
 
@@ -161,18 +226,18 @@ def test_workers_give_the_same_figures(photos):
     opts = dict(against=photos, resolution=32, metrics=("psnr", "ssim"), batch_size=2)
     a = run_eval(EvalOptions(photos, workers=0, **opts)).report
     b = run_eval(EvalOptions(photos, workers=1, **opts)).report
-    assert (a["psnr"], a["ssim"], a["count"]) == (b["psnr"], b["ssim"], b["count"])
+    assert (a["psnr_y"], a["psnr_rgb"], a["ssim"], a["count"]) == (b["psnr_y"], b["psnr_rgb"], b["ssim"], b["count"])
 
 
 # -- with a model ---------------------------------------------------------------------------------
 
 
-def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_path):
+def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_path, invoke, preprocess_reference):
     from optvq_cli.model import load_model
 
     out, plot, grid = tmp_path / "r.json", tmp_path / "usage.png", tmp_path / "grid.png"
     args = ["eval", photos, "--model", tiny_model_dir, "-b", 5, "--json", out, "--plot", plot, "--samples", grid]
-    code, text = _invoke(*args)
+    code, text = invoke(*args)
     assert code == 0, text
     rep = json.loads(out.read_text())
     assert TOP_KEYS <= set(rep)
@@ -180,7 +245,7 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
     # Recompute independently with the model's own token path (encode_indices/decode_indices).
     model = load_model(str(tiny_model_dir), device="cpu")
     x = torch.stack(
-        [torch.from_numpy(preprocess_by_hand(photos / r)).permute(2, 0, 1) for r in list_images(photos)]
+        [torch.from_numpy(preprocess_reference(photos / r)).permute(2, 0, 1) for r in list_images(photos)]
     ).float()
     x = x / 255
     idx = model.encode_indices(x * 2 - 1, assign="sinkhorn")  # one batch of 5, as with -b 5
@@ -196,7 +261,9 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
         assert head["codebook_usage"] == pytest.approx(torch.unique(idx[:, h]).numel() / n)
     assert 1.0 <= rep["perplexity"] <= used
     mse_rgb = ((rec.double() - x.double()) ** 2).mean(dim=(1, 2, 3))
-    assert rep["psnr"] != pytest.approx(float((10 * torch.log10(1 / (mse_rgb + 1e-8))).mean()))  # Y, not RGB
+    psnr_rgb = float((10 * torch.log10(1 / (mse_rgb + 1e-8))).mean())
+    assert rep["psnr_rgb"] == pytest.approx(psnr_rgb, rel=1e-3)  # float32 encoder paths differ slightly
+    assert rep["psnr_y"] != pytest.approx(psnr_rgb)  # Y, not RGB
     assert rep["protocol"]["assign"] == "sinkhorn"
     assert rep["protocol"]["model"]["sha256"] == model.sha256
     assert rep["protocol"]["resolution"] == 32  # the model's
@@ -205,13 +272,36 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
     g = Image.open(grid)
     assert g.size[1] == 2 * 32 + 3 * 2  # originals over reconstructions
 
-    code, text = _invoke(*args)  # outputs exist now
+    code, text = invoke(*args)  # outputs exist now
     assert code == 1 and "--overwrite" in text
 
 
-def test_no_model_means_the_bundled_default(photos, tmp_path):
+def test_text_report_keeps_per_head_rows_in_the_codebook_table(photos, tiny_model_dir, invoke):
+    """Per-head usage sits under its own column headers, not under the assignment agreement, which
+    is one figure (a share of tokens) stated once, after the heads."""
+    code, text = invoke("eval", photos, "--model", tiny_model_dir, "--metrics", "psnr,usage", "--limit", 2)
+    assert code == 0, text
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if "codebook usage" in line and "perplexity" in line)
+    heads = [i for i, line in enumerate(lines) if "head " in line and "│" in line]
+    agreement = [i for i, line in enumerate(lines) if "same code" in line]
+    assert heads and len(agreement) == 1
+    assert header < min(heads) and max(heads) < agreement[0]
+    assert not any("perplexity" in lines[i] for i in heads)  # a column of its own, not a note
+
+
+def test_help_describes_resolution_as_crop_then_resize(invoke):
+    code, text = invoke("eval", "--help")
+    assert code == 0
+    flat = " ".join(text.replace("│", " ").split())
+    assert "--resolution" in flat and "--size" in flat  # the old spelling keeps working
+    assert flat.index("centre square") < flat.index("resized to N x N")
+    assert "Shorter side resized" not in flat
+
+
+def test_no_model_means_the_bundled_default(photos, tmp_path, invoke):
     out = tmp_path / "r.json"
-    code, text = _invoke("eval", photos, "--metrics", "psnr,usage", "--limit", 2, "--json", out)
+    code, text = invoke("eval", photos, "--metrics", "psnr,usage", "--limit", 2, "--json", out)
     assert code == 0, text
     rep = json.loads(out.read_text())
     assert rep["protocol"]["model"]["ref"] == "default" and rep["count"] == 2
@@ -219,7 +309,7 @@ def test_no_model_means_the_bundled_default(photos, tmp_path):
     assert rep["protocol"]["model"]["n_codes"] == bundled["model"]["n_codes"]
 
 
-def test_bad_input_is_one_line(photos, tmp_path, tiny_model_dir):
+def test_bad_input_is_one_line(photos, tmp_path, tiny_model_dir, invoke):
     cases = [
         (["eval", tmp_path / "nope", "--against", photos], "not a folder"),
         (["eval", photos, "--model", tiny_model_dir, "--against", photos], "not both"),
@@ -229,12 +319,12 @@ def test_bad_input_is_one_line(photos, tmp_path, tiny_model_dir):
         (["eval", photos, "--against", photos, "--protocol", "srgb"], "--protocol"),
     ]
     for args, needle in cases:
-        code, text = _invoke(*args)
+        code, text = invoke(*args)
         assert code != 0 and needle in text, (args, text)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(b"not a png")
-    code, text = _invoke("eval", broken, "--against", broken)
+    code, text = invoke("eval", broken, "--against", broken)
     assert code == 1 and "x.png" in text and "cannot read" in text
 
 
@@ -263,6 +353,25 @@ def test_two_gloo_processes_report_what_one_does(photos, tiny_model_dir, tmp_pat
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert b["protocol"]["world_size"] == 2 and a["protocol"]["world_size"] == 1
     assert a["count"] == b["count"] == len(PHOTOS)
-    for key in ("psnr", "ssim", "codebook_usage", "perplexity", "assignment_agreement"):
+    for key in ("psnr_y", "psnr_rgb", "ssim", "codebook_usage", "perplexity", "assignment_agreement"):
         assert a[key] == pytest.approx(b[key], rel=1e-9), key
     assert a["codebook"]["most_used"] == b["codebook"]["most_used"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_gather_the_skipped_images(photos, tmp_path):
+    """An unreadable image met by the second process is listed in the first one's report."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    (data / "cls" / "a_broken.png").write_bytes(b"not a png")  # third in sorted order: batch 1, rank 1
+    out = tmp_path / "r.json"
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "optvq_cli"]
+    args = ["eval", str(data), "--against", str(data), "-b", "2", "--metrics", "psnr", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPTVQ_OFFLINE": "1"}
+    proc = subprocess.run([*run, *args], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "1 image(s) skipped" in proc.stderr, proc.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["protocol"]["world_size"] == 2 and rep["count"] == len(PHOTOS)
+    assert [f["path"] for f in rep["failed"]] == [str(data / "cls" / "a_broken.png")]

@@ -13,6 +13,7 @@ from PIL import Image
 
 from optvq_cli.eval import metrics as M
 from optvq_cli.eval.perceptual import tf_bilinear_matrix, tf_resize
+from optvq_cli.quant.quantizer import codebook_stats
 
 
 def _photo(name: str, size: int = 64) -> torch.Tensor:
@@ -213,7 +214,7 @@ def test_usage_and_perplexity_by_hand():
 
 def test_count_codes_and_extremes():
     idx = torch.tensor([[[[0, 1], [1, 1]], [[3, 3], [3, 2]]]])  # (B=1, heads=2, 2, 2)
-    counts = M.count_codes(idx, 5)
+    counts = codebook_stats(idx, 5).counts  # the one counting function, in the quantizer
     assert counts.tolist() == [[1, 3, 0, 0, 0], [0, 0, 1, 3, 0]]
     most, least = M.extreme_codes(counts, k=2)
     assert most == [[1, 3], [3, 3]]  # tie broken by the lower index

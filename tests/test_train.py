@@ -239,7 +239,7 @@ def test_mnist_preset(tmp_path):
     cfg = quick("mnist", data, 10, batch_size=8, optim__lr=5e-3)
     res = train(cfg, tmp_path / "run", **QUIET)
     _decreases(tmp_path / "run")
-    assert set(rows(tmp_path / "run")[0]) >= {"l1", "l2", "quantizer", "loss", "psnr", "codebook_usage"}
+    assert set(rows(tmp_path / "run")[0]) >= {"l1", "l2", "quantizer", "loss", "psnr_y", "codebook_usage"}
     assert "perceptual" not in rows(tmp_path / "run")[0] and "gan" not in rows(tmp_path / "run")[0]
     assert res.val["images"] == 4 and 0 < res.val["codebook_usage"] <= 1
     model = load_model(tmp_path / "run" / "model", device="cpu")
@@ -559,7 +559,7 @@ def test_validation_psnr_is_evals_psnr(tmp_path):
     assert code == 0, err
     got = json.loads(report.read_text())
     assert val["images"] == got["count"] == 6
-    assert abs(val["psnr"] - got["psnr"]) < 1e-6
+    assert abs(val["psnr_y"] - got["psnr_y"]) < 1e-6
 
 
 def test_mnist_validation_psnr_is_evals_psnr_on_the_test_digits(tmp_path):
@@ -580,4 +580,4 @@ def test_mnist_validation_psnr_is_evals_psnr_on_the_test_digits(tmp_path):
     assert code == 0, err
     got = json.loads(report.read_text())
     assert val["images"] == got["count"] == 4
-    assert abs(val["psnr"] - got["psnr"]) < 1e-6
+    assert abs(val["psnr_y"] - got["psnr_y"]) < 1e-6

