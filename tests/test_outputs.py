@@ -205,3 +205,77 @@ def test_overwrite_after_sigkill_ends_as_a_fresh_run(sk, tiny_model_dir, tmp_pat
     assert encode(sk / "gray", out, tiny_model_dir, "--overwrite")[0] == 0
     assert encode(sk / "gray", tmp_path / "fresh", tiny_model_dir)[0] == 0
     assert tree(out) == tree(tmp_path / "fresh")
+
+
+# ---------------------------------------------------------------- "already done" means the same source
+
+
+def picture(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["encode", "reconstruct"])
+def test_a_rerun_redoes_an_output_whose_source_changed(tiny_model_dir, tmp_path, command):
+    run = encode if command == "encode" else reconstruct
+    suffix, verb = (".npy", "encoded") if command == "encode" else (".png", "reconstructed")
+    picture(tmp_path / "A" / "pic.png", 1)
+    picture(tmp_path / "B" / "pic.png", 2)
+    out = tmp_path / "out"
+    assert run(tmp_path / "A", out, tiny_model_dir)[0] == 0
+    code, stdout, _ = run(tmp_path / "B", out, tiny_model_dir)  # another folder's pic.png
+    assert code == 0 and f"{verb} 1 of 1" in stdout and "already done" not in stdout
+    assert run(tmp_path / "B", tmp_path / "fresh", tiny_model_dir)[0] == 0
+    assert (out / f"pic{suffix}").read_bytes() == (tmp_path / "fresh" / f"pic{suffix}").read_bytes()
+
+    code, stdout, _ = run(tmp_path / "B", out, tiny_model_dir)
+    assert code == 0 and f"{verb} 0 of 1, 1 already done" in stdout
+    picture(tmp_path / "B" / "pic.png", 3)  # the same path, new content
+    code, stdout, _ = run(tmp_path / "B", out, tiny_model_dir)
+    assert code == 0 and f"{verb} 1 of 1" in stdout and "already done" not in stdout
+    row = json.loads((out / "manifest.json").read_text())["images"][0]
+    st = (tmp_path / "B" / "pic.png").stat()
+    assert (row["source_size"], row["source_mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+
+
+def test_decode_counts_as_done_only_its_own_outputs_of_the_same_token_file(sk, tiny_model_dir, tmp_path):
+    tok, out = tmp_path / "tok", tmp_path / "dec"
+    assert encode(sk, tok, tiny_model_dir)[0] == 0
+    assert decode(tok, out)[0] == 0
+    code, stdout, _ = decode(tok, out)
+    assert code == 0 and "decoded 0 of 6, 6 already done" in stdout
+    assert encode(sk, tok, tiny_model_dir, "--size", "16", "--overwrite")[0] == 0  # new token files
+    code, stdout, _ = decode(tok, out)
+    assert code == 0 and "decoded 6 of 6" in stdout and "already done" not in stdout
+    assert Image.open(out / "p0.png").size == (16, 16)
+    shutil.copytree(tok, tmp_path / "tok2")  # the same grids from other files
+    code, stdout, _ = decode(tmp_path / "tok2", out)
+    assert code == 0 and "decoded 6 of 6" in stdout
+
+
+# ---------------------------------------------------------------- one run at a time
+
+
+@pytest.mark.parametrize("command", ["encode", "decode", "reconstruct"])
+def test_a_second_run_on_a_locked_output_fails_at_once_naming_the_holder(sk, tiny_model_dir, tmp_path, command):
+    import os
+
+    from optvq_cli.core.lock import folder_lock
+
+    assert encode(sk, tmp_path / "tok", tiny_model_dir)[0] == 0
+    out = tmp_path / "out"
+    args = {
+        "encode": ["encode", sk, out, *opts(tiny_model_dir)],
+        "decode": ["decode", tmp_path / "tok", out, "--device", "cpu"],
+        "reconstruct": ["reconstruct", sk, out, *opts(tiny_model_dir)],
+    }[command]
+    with folder_lock(out):
+        began = time.monotonic()
+        res = subprocess.run([sys.executable, "-m", "optvq_cli", *map(str, args)], capture_output=True, text=True)
+        seconds = time.monotonic() - began
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out}: another optvq run (pid {os.getpid()})"), lines
+    assert seconds < 60  # at once: no waiting for the holder
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
