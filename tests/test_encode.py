@@ -221,6 +221,36 @@ def test_sinkhorn_assignment_works_and_is_marked_batch_dependent(photos, tiny_mo
     assert (got == expected).all()
 
 
+def test_the_encoder_gets_a_contiguous_batch_and_gives_the_apis_tokens(
+    photos, tiny_model_dir, model, tmp_path, monkeypatch
+):
+    """One layout everywhere: a channels-last view would take other convolution kernels than the
+    tensor a user builds, and flip near-tied tokens."""
+
+    from optvq_cli.core.images import batch_to_tensor
+    from optvq_cli.model.optvq import OptVQModel
+
+    assert batch_to_tensor([np.zeros((8, 8, 3), np.uint8)] * 2).is_contiguous()
+    seen = []
+    real = OptVQModel.encode_indices
+
+    def spy(self, x, assign="nearest"):
+        seen.append(x.clone())
+        assert x.is_contiguous()
+        return real(self, x, assign=assign)
+
+    monkeypatch.setattr(OptVQModel, "encode_indices", spy)
+    out = tmp_path / "sk"
+    code, _, stderr = encode(photos, out, tiny_model_dir, "--assign", "sinkhorn", "--batch-size", "12")
+    assert code == 0, stderr
+    assert len(seen) == 1 and seen[0].shape == (12, 3, 32, 32)
+    # the tokens a user gets from the API on the same pixels in the usual (contiguous) layout
+    expected = real(model, seen[0].contiguous(), assign="sinkhorn").numpy()
+    order = sorted(PHOTOS, key=lambda p: p[1])
+    g = grids(out)
+    assert (np.stack([g[Path(rel).with_suffix("").as_posix()] for _, rel in order]) == expected).all()
+
+
 def test_single_file_and_pack(photos, tiny_model_dir, tmp_path):
     code, _, _ = encode(photos / "chelsea.png", tmp_path / "one", tiny_model_dir)
     assert code == 0 and sorted(grids(tmp_path / "one")) == ["chelsea"]
