@@ -408,7 +408,11 @@ def test_resume_after_sigkill_ends_with_the_files_of_an_uninterrupted_run(photos
     cmd = [sys.executable, "-m", "optvq_cli", "encode", str(many), str(out), *opts]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list(out.rglob("*.npy"))) < 5:
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and len([p for p in out.rglob("*.npy") if TMP_MARK not in p.name]) < 5
+    ):
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)

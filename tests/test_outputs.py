@@ -195,7 +195,11 @@ def test_overwrite_after_sigkill_ends_as_a_fresh_run(sk, tiny_model_dir, tmp_pat
     cmd += ["--device", "cpu", "--workers", "0", "--batch-size", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list(out.rglob("*.npy"))) < 5:
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and len([p for p in out.rglob("*.npy") if TMP_MARK not in p.name]) < 5
+    ):
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
