@@ -283,3 +283,65 @@ def test_a_second_run_on_a_locked_output_fails_at_once_naming_the_holder(sk, tin
     assert len(lines) == 1 and lines[0].startswith(f"error: {out}: another optvq run (pid {os.getpid()})"), lines
     assert seconds < 60  # at once: no waiting for the holder
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+# ---------------------------------------------------------------- messages and flags
+
+
+def test_an_unwritable_output_names_the_folder_not_a_temporary_file(sk, tiny_model_dir, tmp_path, monkeypatch):
+    from optvq_cli.core import fileio
+
+    def denied(src, dst):  # what a read-only folder does to the rename (root may write anywhere)
+        raise PermissionError(13, "Permission denied", str(src))
+
+    monkeypatch.setattr(fileio.os, "replace", denied)
+    out = tmp_path / "ro"
+    out.mkdir()
+    for result in (encode(sk, out, tiny_model_dir), reconstruct(sk, tmp_path / "ro2", tiny_model_dir)):
+        line = refused(result, "cannot write in this folder (permission denied)")
+        assert TMP_MARK not in line and line.startswith(f"error: {tmp_path}/ro")
+
+
+def test_an_output_below_a_file_names_the_file(sk, tiny_model_dir, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    for result in (
+        encode(sk, tmp_path / "afile" / "sub", tiny_model_dir),
+        reconstruct(sk, tmp_path / "afile" / "sub" / "deeper", tiny_model_dir),
+    ):
+        refused(result, f"error: {tmp_path / 'afile'}: is a file, not a folder")
+    refused(encode(sk, tmp_path / "afile", tiny_model_dir), f"{tmp_path / 'afile'}: exists and is not a folder")
+
+
+def test_quiet_and_decode_workers(sk, tiny_model_dir, tmp_path):
+    code, stdout, stderr = encode(sk, tmp_path / "tok", tiny_model_dir, "-q")
+    assert code == 0 and stderr == "" and "encoded 6 of 6" in stdout
+    trees = []
+    for j in ("0", "3"):
+        code, stdout, stderr = decode(tmp_path / "tok", tmp_path / f"dec{j}", "-q", "-j", j)
+        assert code == 0 and stderr == "" and "decoded 6 of 6" in stdout
+        trees.append({k: v for k, v in tree(tmp_path / f"dec{j}").items() if k.endswith(".png")})
+    assert trees[0] == trees[1] and len(trees[0]) == 6
+
+
+def test_reconstruct_records_each_images_rgb_psnr(sk, tiny_model_dir, tmp_path):
+    out = tmp_path / "rec"
+    code, stdout, _ = reconstruct(sk, out, tiny_model_dir, "--side-by-side")
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    values = []
+    for row in manifest["images"]:
+        assert "psnr" not in row
+        both = np.asarray(Image.open(out / f"{row['name']}.png")).astype(np.float64)
+        original, restored = both[:, :32], both[:, 32:]
+        by_hand = 10 * np.log10(255.0**2 / np.mean((original - restored) ** 2))
+        assert row["psnr_rgb"] == pytest.approx(by_hand, abs=1e-4)
+        values.append(by_hand)
+    assert f"mean PSNR (RGB) {np.mean(values):.2f} dB over 6 images" in stdout
+
+    for row in manifest["images"]:  # as an earlier version wrote it
+        row["psnr"] = row.pop("psnr_rgb")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, stdout, _ = reconstruct(sk, out, tiny_model_dir, "--side-by-side")
+    assert code == 0 and "reconstructed 0 of 6, 6 already done" in stdout
+    rows = json.loads((out / "manifest.json").read_text())["images"]
+    assert [r["psnr_rgb"] for r in rows] == pytest.approx(values, abs=1e-4) and all("psnr" not in r for r in rows)

@@ -45,10 +45,13 @@ def psnr_rgb(a: np.ndarray, b: np.ndarray) -> float:
     return float(psnr(batch(a), batch(b), channel="rgb")[0])
 
 
-def row_psnr_rgb(row: dict) -> float | None:
-    """A row's RGB PSNR; rows written before the key said so call it ``psnr``."""
-    value = row.get("psnr_rgb", row.get("psnr"))
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+def _renamed(row: dict) -> dict:
+    """A row as written now: rows written before the key said so call the RGB PSNR ``psnr``."""
+    if "psnr" not in row:
+        return row
+    row = dict(row)
+    row.setdefault("psnr_rgb", row.pop("psnr"))
+    return row
 
 
 def _header(
@@ -138,7 +141,7 @@ class _Reconstruction:
         self.overwrite, self.existing = overwrite, existing
         self.sources = [relative(it.path, root) for it in items]
         self.identities = [source_identity(it.path) for it in items]
-        kept = {} if overwrite else out.kept(existing, header)
+        kept = {} if overwrite else {k: _renamed(r) for k, r in out.kept(existing, header).items()}
         self.rows: list[dict | None] = [None] * len(items)
         self.todo = []
         for i, it in enumerate(items):
