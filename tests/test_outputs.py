@@ -310,6 +310,8 @@ def test_an_output_below_a_file_names_the_file(sk, tiny_model_dir, tmp_path):
     ):
         refused(result, f"error: {tmp_path / 'afile'}: is a file, not a folder")
     refused(encode(sk, tmp_path / "afile", tiny_model_dir), f"{tmp_path / 'afile'}: exists and is not a folder")
+    # before the (slow) model load: a missing model is not what is reported
+    refused(cli("encode", sk, tmp_path / "afile" / "sub", "--model", tmp_path / "gone"), "is a file, not a folder")
 
 
 def test_quiet_and_decode_workers(sk, tiny_model_dir, tmp_path):

@@ -146,6 +146,7 @@ def encode(
     with _interruptible():
         codec.check_options(assign, pack, not no_crop)
         check_input(input, exclude=[output])  # before the slow model load
+        codec.check_output_path(output)
         m = _load(model, revision, device)
         with _progress("encoding", quiet) as (on_progress, on_failure):
             summary = codec.encode(
@@ -195,6 +196,7 @@ def decode(
 
     with _interruptible():
         codec.check_tokens_input(tokens)  # before the slow model load
+        codec.check_output_path(output)
         recorded_in = None
         if model is None:
             recorded = codec.tokens_model(tokens)
@@ -249,6 +251,7 @@ def reconstruct(
     with _interruptible():
         codec.check_options(assign)
         check_input(input, exclude=[output])  # before the slow model load
+        codec.check_output_path(output)
         m = _load(model, revision, device)
         with _progress("reconstructing", quiet) as (on_progress, on_failure):
             summary = codec.reconstruct(

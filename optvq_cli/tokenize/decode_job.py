@@ -119,6 +119,7 @@ class _Decoder:
         self.model, self.out, self.header, self.manifest = model, out, header, manifest
         self.batch_size, self.overwrite, self.existing = batch_size, overwrite, existing
         self.kept = {} if overwrite else out.kept(existing, header)
+        self.owned = out.owned(existing)
         self.rows: dict[str, dict] = {}  # this run's PNGs
         self.pending: list[tuple[TokenSource, np.ndarray, dict]] = []
         self.writer = Writer()
@@ -163,28 +164,33 @@ class _Decoder:
         if problem:
             run.fail(src.label, problem)
             return
-        row = {"name": src.name, "source": str(src.path.resolve()), **(source_identity(src.path) or {})}
+        identity = source_identity(src.path)
+        row = {"name": src.name, "source": str(src.path.resolve()), **(identity or {})}
         if src.packed_index is not None:
             row["index"] = src.packed_index
         old = self.kept.get(src.name)
-        if same_source(old, row["source"], source_identity(src.path), None) and old.get("index") == row.get("index"):
+        if same_source(old, row["source"], identity, None) and old.get("index") == row.get("index"):
             run.skip()
             return
-        try:
-            self.out.check(self.out.folder / f"{src.name}.png")
-        except UserError as e:
-            run.fail(str(self.out.folder / f"{src.name}.png"), f"not written: {e}")
-            return
-        if self.out.is_foreign(f"{src.name}.png", self.existing):
-            where = f"{self.out.manifest} does not list it" if self.existing else f"OUTPUT has no {tk.MANIFEST}"
-            run.fail(
-                str(self.out.folder / f"{src.name}.png"),
-                f"exists, and {where}, so optvq did not write it; not replaced",
-            )
+        rel = f"{src.name}.png"
+        why = self._unwritable(rel)
+        if why:
+            run.fail(str(self.out.folder / rel), why)
             return
         self.pending.append((src, grid, row))
         if len(self.pending) >= self.batch_size:
             self._flush(run)
+
+    def _unwritable(self, rel: str) -> str | None:
+        """Why OUTPUT/rel may not be written: it leads outside OUTPUT, or is a file optvq did not write."""
+        try:
+            self.out.check(self.out.folder / rel)
+        except UserError as e:
+            return f"not written: {e}"
+        if rel not in self.owned and os.path.lexists(self.out.folder / rel):
+            where = f"{self.out.manifest} does not list it" if self.existing else f"OUTPUT has no {tk.MANIFEST}"
+            return f"exists, and {where}, so optvq did not write it; not replaced"
+        return None
 
     def _flush(self, run: Run) -> None:
         groups: dict[tuple, list] = {}

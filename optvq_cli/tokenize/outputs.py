@@ -191,9 +191,6 @@ class Output:
                     "move it away or choose another OUTPUT"
                 )
 
-    def is_foreign(self, rel: str, existing: dict | None) -> bool:
-        return rel not in self.owned(existing) and os.path.lexists(self.folder / rel)
-
     def check_compatible(self, existing: dict, header: dict, settings: Iterable[str]) -> None:
         """An OUTPUT written by another model or with other settings would mix incompatible outputs."""
         old, new = tk.manifest_sha256(existing), header["model"]["sha256"]

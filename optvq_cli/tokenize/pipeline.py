@@ -18,6 +18,7 @@ from optvq_cli.tokenize.batching import (
 )
 from optvq_cli.tokenize.decode_job import decode
 from optvq_cli.tokenize.encode_job import encode
+from optvq_cli.tokenize.outputs import check_output_path
 from optvq_cli.tokenize.reconstruct_job import psnr_rgb, reconstruct
 from optvq_cli.tokenize.token_sources import check_tokens_input, manifest_path, tokens_model
 
@@ -25,6 +26,7 @@ __all__ = [
     "Summary",
     "canonical_ref",
     "check_options",
+    "check_output_path",
     "check_tokens_input",
     "decode",
     "default_workers",
