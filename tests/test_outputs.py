@@ -347,3 +347,23 @@ def test_reconstruct_records_each_images_rgb_psnr(sk, tiny_model_dir, tmp_path):
     assert code == 0 and "reconstructed 0 of 6, 6 already done" in stdout
     rows = json.loads((out / "manifest.json").read_text())["images"]
     assert [r["psnr_rgb"] for r in rows] == pytest.approx(values, abs=1e-4) and all("psnr" not in r for r in rows)
+
+
+def test_an_output_waiting_to_be_redone_stays_listed_when_the_run_stops(tiny_model_dir, tmp_path, monkeypatch):
+    from optvq_cli.tokenize import encode_job
+
+    picture(tmp_path / "A" / "pic.png", 1)
+    out = tmp_path / "out"
+    assert encode(tmp_path / "A", out, tiny_model_dir)[0] == 0
+    picture(tmp_path / "A" / "pic.png", 2)  # changed: the next run redoes pic.npy
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(encode_job, "encoded_batches", stopped)
+    assert encode(tmp_path / "A", out, tiny_model_dir)[0] == 130
+    assert [r["name"] for r in json.loads((out / "manifest.json").read_text())["images"]] == ["pic"]
+    monkeypatch.undo()
+    code, stdout, stderr = encode(tmp_path / "A", out, tiny_model_dir)
+    assert code == 0 and "encoded 1 of 1" in stdout, stderr

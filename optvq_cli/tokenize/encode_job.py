@@ -154,11 +154,12 @@ def _encode_files(job: _Job, existing: dict | None, run: Run) -> None:
             job.rows[i] = {**row, "source": job.sources[i]}
         else:
             todo.append(i)
-    names = {it.name for it in job.items}
-    carried = [r for name, r in kept.items() if name not in names]  # earlier outputs this run does not redo
 
     def doc(complete: bool) -> dict:
-        rows = [r for r in job.rows if r] + carried
+        rows = [r for r in job.rows if r]
+        # earlier outputs this run does not (or not yet) redo stay listed: their files are still there
+        named = {r["name"] for r in rows}
+        rows += [r for name, r in kept.items() if name not in named]
         return {**job.header, "complete": complete, "failed": len(run.summary.failed), "images": rows}
 
     # Written first so an interrupted run still says which model and settings its files came from.

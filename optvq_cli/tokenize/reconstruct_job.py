@@ -150,11 +150,13 @@ class _Reconstruction:
                 self.rows[i] = {**row, "source": self.sources[i]}
             else:
                 self.todo.append(i)
-        names = {it.name for it in items}
-        self.carried = [r for name, r in kept.items() if name not in names]
+        self.kept = kept
 
     def doc(self, run: Run, complete: bool) -> dict:
-        rows = [r for r in self.rows if r] + self.carried
+        rows = [r for r in self.rows if r]
+        # earlier outputs this run does not (or not yet) redo stay listed: their files are still there
+        named = {r["name"] for r in rows}
+        rows += [r for name, r in self.kept.items() if name not in named]
         return {**self.header, "complete": complete, "failed": len(run.summary.failed), "images": rows}
 
     def run(self, run: Run, pre: Preprocess, assign: str, batch_size: int, workers: int, side_by_side: bool) -> None:
