@@ -41,7 +41,8 @@ _ASSIGN = typer.Option(
 _OVERWRITE = typer.Option(
     False,
     "--overwrite",
-    help="Redo outputs that exist, even another model's; earlier outputs listed in OUTPUT/manifest.json are removed.",
+    help="Redo outputs that exist, even another model's; earlier outputs listed in OUTPUT/manifest.json are "
+    "removed, files it does not list are never replaced.",
 )
 _STRICT = typer.Option(False, "--strict", help="Stop at the first bad input instead of skipping it.")
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar; the summary, skipped inputs and errors only.")
@@ -189,6 +190,8 @@ def decode(
     Each file is checked first: integer dtype, shape, heads, every index in [0, n).
 
     With a manifest.json, only the files it lists are decoded; names must stay inside OUTPUT.
+
+    OUTPUT/manifest.json lists the PNGs written: a rerun skips those made from the same token files.
 
     A bad file is reported in one line and skipped; the run decodes the rest, then exits 1.
     """

@@ -96,10 +96,12 @@ class Output:
         self.folder, self.fmt, self.suffix, self.what = Path(folder), fmt, suffix, what
         self._fd: int | None = None
         self._journal_lock = threading.Lock()
+        self._real: Path | None = None  # fixed once the run holds the folder
 
     @property
     def real(self) -> Path:
-        return self.folder.resolve()
+        """OUTPUT's real path: every write and delete must land below it."""
+        return self._real or self.folder.resolve()
 
     @property
     def manifest(self) -> Path:
@@ -231,6 +233,7 @@ class Output:
         with contextlib.ExitStack() as stack:
             with self._permission():
                 stack.enter_context(folder_lock(self.folder))
+            self._real = self.folder.resolve()
             stack.callback(self._close_journal)
             if self._stamp() != stamp:
                 existing = prepare()
