@@ -178,6 +178,7 @@ def test_tokens_equal_the_model_applied_to_hand_preprocessed_images(photos, tiny
         assert (g[Path(rel).with_suffix("").as_posix()] == expected).all()
 
 
+@pytest.mark.slow
 def test_nearest_tokens_do_not_depend_on_batch_size_workers_or_order(photos, tiny_model_dir, tmp_path):
     runs = {}
     for bs, workers in [(1, 0), (3, 2), (8, 0), (8, 2)]:
@@ -396,6 +397,7 @@ def test_rerun_skips_finished_outputs_and_overwrite_redoes_them(photos, tiny_mod
     assert tree(out) == clean
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_files_of_an_uninterrupted_run(photos, tiny_model_dir, tmp_path):
     many = tmp_path / "many"  # enough images that the kill lands mid-run
     for i in range(5):
@@ -515,6 +517,7 @@ def test_decode_validates_every_file(tiny_model_dir, tmp_path):
     assert listing(tmp_path / "out") == ["good.png"]
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_without_traceback(tiny_model_dir, tmp_path):
     """Through the real entry point: a user's mistake is one 'error:' line and exit 1."""
     out = tmp_path / "tok"

@@ -184,6 +184,7 @@ def test_a_manifest_row_through_a_symlink_deletes_nothing_outside(sk, tiny_model
 # ---------------------------------------------------------------- journal
 
 
+@pytest.mark.slow
 def test_overwrite_after_sigkill_ends_as_a_fresh_run(sk, tiny_model_dir, tmp_path):
     """A run killed midway has journalled every file it wrote: a later --overwrite with other
     inputs removes them all."""
@@ -269,10 +270,11 @@ def test_a_second_run_on_a_locked_output_fails_at_once_naming_the_holder(sk, tin
 
     assert encode(sk, tmp_path / "tok", tiny_model_dir)[0] == 0
     out = tmp_path / "out"
+    gone = tmp_path / "no-such-model"  # refused before the model load: the missing model is not reported
     args = {
-        "encode": ["encode", sk, out, *opts(tiny_model_dir)],
-        "decode": ["decode", tmp_path / "tok", out, "--device", "cpu"],
-        "reconstruct": ["reconstruct", sk, out, *opts(tiny_model_dir)],
+        "encode": ["encode", sk, out, *opts(gone)],
+        "decode": ["decode", tmp_path / "tok", out, "--device", "cpu", "--model", gone],
+        "reconstruct": ["reconstruct", sk, out, *opts(gone)],
     }[command]
     with folder_lock(out):
         began = time.monotonic()

@@ -148,6 +148,7 @@ def encode(
         codec.check_options(assign, pack, not no_crop)
         check_input(input, exclude=[output])  # before the slow model load
         codec.check_output_path(output)
+        codec.refuse_if_busy(output)  # at once, not after the model load
         m = _load(model, revision, device)
         with _progress("encoding", quiet) as (on_progress, on_failure):
             summary = codec.encode(
@@ -200,6 +201,7 @@ def decode(
     with _interruptible():
         codec.check_tokens_input(tokens)  # before the slow model load
         codec.check_output_path(output)
+        codec.refuse_if_busy(output)  # at once, not after the model load
         recorded_in = None
         if model is None:
             recorded = codec.tokens_model(tokens)
@@ -255,6 +257,7 @@ def reconstruct(
         codec.check_options(assign)
         check_input(input, exclude=[output])  # before the slow model load
         codec.check_output_path(output)
+        codec.refuse_if_busy(output)  # at once, not after the model load
         m = _load(model, revision, device)
         with _progress("reconstructing", quiet) as (on_progress, on_failure):
             summary = codec.reconstruct(

@@ -25,7 +25,7 @@ from typing import Any
 
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import atomic_write
-from optvq_cli.core.lock import folder_lock
+from optvq_cli.core.lock import LOCK_NAME, folder_lock
 from optvq_cli.tokenize import tokens as tk
 
 DECODE_FORMAT = "optvq-decode"
@@ -82,6 +82,14 @@ def check_output_path(output: Path) -> None:
         )
     if not os.access(base, os.W_OK | os.X_OK):
         raise UserError(f"{base}: cannot write in this folder (permission denied); choose another OUTPUT")
+
+
+def refuse_if_busy(output: Path) -> None:
+    """Fails at once (FolderBusy naming the holder's pid) when another run holds OUTPUT: for before
+    a slow model load. Creates nothing: only an existing lock file is tried."""
+    if (Path(output) / LOCK_NAME).is_file():
+        with folder_lock(output):
+            pass
 
 
 def _inside(path: Path, root: Path) -> bool:

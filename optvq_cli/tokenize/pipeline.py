@@ -18,7 +18,7 @@ from optvq_cli.tokenize.batching import (
 )
 from optvq_cli.tokenize.decode_job import decode
 from optvq_cli.tokenize.encode_job import encode
-from optvq_cli.tokenize.outputs import check_output_path
+from optvq_cli.tokenize.outputs import check_output_path, refuse_if_busy
 from optvq_cli.tokenize.reconstruct_job import psnr_rgb, reconstruct
 from optvq_cli.tokenize.token_sources import check_tokens_input, manifest_path, tokens_model
 
@@ -36,5 +36,6 @@ __all__ = [
     "manifest_path",
     "psnr_rgb",
     "reconstruct",
+    "refuse_if_busy",
     "tokens_model",
 ]
