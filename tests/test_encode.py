@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from optvq_cli.cli.app import app
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import TMP_MARK
+from optvq_cli.core.lock import LOCK_NAME
 
 runner = CliRunner()
 
@@ -87,8 +88,19 @@ def cli(*args) -> tuple[int, str, str]:
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    """Every file under folder (hidden ones too) -> its bytes."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under folder (hidden ones too) -> its bytes; the lock file, which holds the last
+    writer's pid, aside."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != LOCK_NAME
+    }
+
+
+def listing(folder: Path, with_manifest: bool = False) -> list[str]:
+    """The names in folder, without the lock file (and manifest.json unless asked for)."""
+    skip = {LOCK_NAME} | (set() if with_manifest else {"manifest.json"})
+    return sorted(p.name for p in folder.iterdir() if p.name not in skip)
 
 
 def grids(folder: Path) -> dict[str, np.ndarray]:
@@ -166,6 +178,7 @@ def test_tokens_equal_the_model_applied_to_hand_preprocessed_images(photos, tiny
         assert (g[Path(rel).with_suffix("").as_posix()] == expected).all()
 
 
+@pytest.mark.slow
 def test_nearest_tokens_do_not_depend_on_batch_size_workers_or_order(photos, tiny_model_dir, tmp_path):
     runs = {}
     for bs, workers in [(1, 0), (3, 2), (8, 0), (8, 2)]:
@@ -207,6 +220,36 @@ def test_sinkhorn_assignment_works_and_is_marked_batch_dependent(photos, tiny_mo
     g = grids(out)
     got = np.stack([g[Path(rel).with_suffix("").as_posix()] for _, rel in order])
     assert (got == expected).all()
+
+
+def test_the_encoder_gets_a_contiguous_batch_and_gives_the_apis_tokens(
+    photos, tiny_model_dir, model, tmp_path, monkeypatch
+):
+    """One layout everywhere: a channels-last view would take other convolution kernels than the
+    tensor a user builds, and flip near-tied tokens."""
+
+    from optvq_cli.core.images import batch_to_tensor
+    from optvq_cli.model.optvq import OptVQModel
+
+    assert batch_to_tensor([np.zeros((8, 8, 3), np.uint8)] * 2).is_contiguous()
+    seen = []
+    real = OptVQModel.encode_indices
+
+    def spy(self, x, assign="nearest"):
+        seen.append(x.clone())
+        assert x.is_contiguous()
+        return real(self, x, assign=assign)
+
+    monkeypatch.setattr(OptVQModel, "encode_indices", spy)
+    out = tmp_path / "sk"
+    code, _, stderr = encode(photos, out, tiny_model_dir, "--assign", "sinkhorn", "--batch-size", "12")
+    assert code == 0, stderr
+    assert len(seen) == 1 and seen[0].shape == (12, 3, 32, 32)
+    # the tokens a user gets from the API on the same pixels in the usual (contiguous) layout
+    expected = real(model, seen[0].contiguous(), assign="sinkhorn").numpy()
+    order = sorted(PHOTOS, key=lambda p: p[1])
+    g = grids(out)
+    assert (np.stack([g[Path(rel).with_suffix("").as_posix()] for _, rel in order]) == expected).all()
 
 
 def test_single_file_and_pack(photos, tiny_model_dir, tmp_path):
@@ -261,6 +304,7 @@ def test_encode_then_decode_equals_reconstruct_and_psnr_is_right(photos, tiny_mo
     assert code == 0, stderr
     dec, rec = tree(tmp_path / "dec"), tree(tmp_path / "rec")
     assert json.loads(rec.pop("manifest.json"))["format"] == "optvq-reconstruct"
+    assert json.loads(dec.pop("manifest.json"))["format"] == "optvq-decode"
     assert sorted(dec) == sorted(rec) == [n + ".png" for n in names(photos)]
     values = []
     for name in dec:
@@ -300,7 +344,7 @@ def test_decode_checks_each_grid_of_a_packed_file(tiny_model_dir, tmp_path):
     code, stdout, stderr = cli("decode", tmp_path / "tokens.npy", tmp_path / "out", "--model", tiny_model_dir)
     assert code == 1 and "decoded 2 of 3, 1 failed" in stdout
     assert f"{tmp_path / 'tokens.npy'}[1]: index 200 is outside [0, 64)" in stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+    assert listing(tmp_path / "out") == ["a.png", "c.png"]
 
 
 def test_decode_packed_equals_decode_of_files(photos, tiny_model_dir, tmp_path):
@@ -309,7 +353,9 @@ def test_decode_packed_equals_decode_of_files(photos, tiny_model_dir, tmp_path):
     assert cli("decode", tmp_path / "files", tmp_path / "d1", "--device", "cpu")[0] == 0
     code, _, stderr = cli("decode", tmp_path / "packed" / "tokens.npy", tmp_path / "d2", "--device", "cpu")
     assert code == 0, stderr
-    assert tree(tmp_path / "d1") == tree(tmp_path / "d2")
+    d1, d2 = tree(tmp_path / "d1"), tree(tmp_path / "d2")
+    assert d1.pop("manifest.json") != d2.pop("manifest.json")  # each names its own token files
+    assert d1 == d2
 
 
 def test_grayscale_model(photos, tmp_path):
@@ -351,6 +397,7 @@ def test_rerun_skips_finished_outputs_and_overwrite_redoes_them(photos, tiny_mod
     assert tree(out) == clean
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_files_of_an_uninterrupted_run(photos, tiny_model_dir, tmp_path):
     many = tmp_path / "many"  # enough images that the kill lands mid-run
     for i in range(5):
@@ -363,7 +410,11 @@ def test_resume_after_sigkill_ends_with_the_files_of_an_uninterrupted_run(photos
     cmd = [sys.executable, "-m", "optvq_cli", "encode", str(many), str(out), *opts]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list(out.rglob("*.npy"))) < 5:
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and len([p for p in out.rglob("*.npy") if TMP_MARK not in p.name]) < 5
+    ):
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -463,9 +514,10 @@ def test_decode_validates_every_file(tiny_model_dir, tmp_path):
         lines = [ln for ln in stderr.splitlines() if name in ln]
         assert len(lines) == 1 and str(bad / name) in lines[0] and reason in lines[0], (name, stderr)
     assert "Traceback" not in stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
+    assert listing(tmp_path / "out") == ["good.png"]
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_without_traceback(tiny_model_dir, tmp_path):
     """Through the real entry point: a user's mistake is one 'error:' line and exit 1."""
     out = tmp_path / "tok"
@@ -599,7 +651,7 @@ def test_encode_overwrite_leaves_the_folder_as_a_fresh_run_would(photos, tiny_mo
 
     assert encode(photos, out, tiny_model_dir, "--pack", "--overwrite")[0] == 0  # files -> packed
     assert tree(out) == tree(tmp_path / "fresh['--pack']")  # no stale .npy, no empty gray/ folder
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "paths.txt", "tokens.npy"]
+    assert listing(out, with_manifest=True) == ["manifest.json", "paths.txt", "tokens.npy"]
     assert encode(photos, out, tiny_model_dir, "--overwrite")[0] == 0  # packed -> files
     assert tree(out) == tree(tmp_path / "fresh[]")
     assert encode(photos, out, other_model_dir, "--overwrite")[0] == 0  # another model
@@ -716,9 +768,9 @@ def test_failures_leave_the_manifest_incomplete_with_their_count(photos, tiny_mo
 def test_ctrl_c_prints_one_line_exits_130_and_the_manifest_lists_what_was_written(
     photos, tiny_model_dir, tmp_path, monkeypatch
 ):
-    from optvq_cli.tokenize import pipeline as codec
+    from optvq_cli.tokenize import encode_job as codec
 
-    real = codec._encoded_batches
+    real = codec.encoded_batches
 
     def interrupted_after_two(*args, **kwargs):
         for i, batch in enumerate(real(*args, **kwargs)):
@@ -726,7 +778,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_manifest_lists_what_was_writte
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(codec, "_encoded_batches", interrupted_after_two)
+    monkeypatch.setattr(codec, "encoded_batches", interrupted_after_two)
     out = tmp_path / "tok"
     code, _, stderr = encode(photos, out, tiny_model_dir, "--batch-size", "3")
     assert code == 130 and "Traceback" not in stderr
@@ -735,7 +787,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_manifest_lists_what_was_writte
     assert manifest["complete"] is False
     assert sorted(r["name"] for r in manifest["images"]) == sorted(grids(out)) and len(grids(out)) == 6
 
-    monkeypatch.setattr(codec, "_encoded_batches", real)
+    monkeypatch.setattr(codec, "encoded_batches", real)
     code, stdout, _ = encode(photos, out, tiny_model_dir, "--batch-size", "3")
     assert code == 0 and "encoded 6 of 12, 6 already done" in stdout
     assert encode(photos, tmp_path / "clean", tiny_model_dir)[0] == 0

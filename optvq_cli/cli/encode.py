@@ -41,9 +41,11 @@ _ASSIGN = typer.Option(
 _OVERWRITE = typer.Option(
     False,
     "--overwrite",
-    help="Redo outputs that exist, even another model's; earlier outputs listed in OUTPUT/manifest.json are removed.",
+    help="Redo outputs that exist, even another model's; earlier outputs listed in OUTPUT/manifest.json are "
+    "removed, files it does not list are never replaced.",
 )
 _STRICT = typer.Option(False, "--strict", help="Stop at the first bad input instead of skipping it.")
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar; the summary, skipped inputs and errors only.")
 
 
 def _escape(text: object) -> str:
@@ -83,46 +85,17 @@ def _interruptible() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _progress(verb: str) -> Iterator[tuple[Any, Any]]:
-    """A rich progress bar on stderr with images/s and ETA; yields (on_progress, on_failure).
+def _progress(verb: str, quiet: bool) -> Iterator[tuple[Any, Any]]:
+    """The one ProgressBar (off with -q); yields (on_progress, on_failure) for the library. Skipped
+    inputs are printed even with -q: they make the run exit 1."""
+    from optvq_cli.cli.progress import ProgressBar
 
-    The rate counts only images worked on: outputs an earlier run finished are passed over in
-    an instant and would make it absurd."""
-    import time
+    with ProgressBar(verb, console, enabled=not quiet) as bar:
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
-    from rich.text import Text
+        def on_failure(path: str, reason: str) -> None:
+            bar.line(f"[yellow]skipped[/] {_escape(path)}: {_escape(reason)}")
 
-    began = time.monotonic()
-
-    class RateAndEta(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            worked, seconds = task.fields.get("worked", 0), time.monotonic() - began
-            if not worked or seconds <= 0:
-                return Text("-- img/s  ETA --")
-            rate = worked / seconds
-            eta = int(max(0.0, (task.total or 0) - task.completed) / rate)
-            return Text(f"{rate:.1f} img/s  ETA {eta // 60}:{eta % 60:02d}")
-
-    bar = Progress(TextColumn(verb), BarColumn(), MofNCompleteColumn(), RateAndEta(), console=console)
-    task = bar.add_task(verb, total=None, worked=0)
-    started = False
-
-    def on_progress(done: int, total: int, already_done: int) -> None:
-        nonlocal started
-        if not started:  # drawn once work begins: an early refusal prints only its error line
-            bar.start()
-            started = True
-        bar.update(task, completed=done, total=total, worked=done - already_done)
-
-    def on_failure(path: str, reason: str) -> None:
-        bar.console.print(f"[yellow]skipped[/] {_escape(path)}: {_escape(reason)}", highlight=False, soft_wrap=True)
-
-    try:
-        yield on_progress, on_failure
-    finally:
-        if started:
-            bar.stop()
+        yield bar.update, on_failure
 
 
 def _report(summary: Any, verb: str) -> None:
@@ -134,8 +107,11 @@ def _report(summary: Any, verb: str) -> None:
         parts.append(f"{len(summary.failed)} failed")
     line = ", ".join(parts) + f" in {summary.seconds:.1f} s ({summary.rate:.1f} images/s) -> {summary.output}"
     typer.echo(line)
-    if summary.mean_psnr is not None:
-        typer.echo(f"mean PSNR (RGB) {summary.mean_psnr:.2f} dB over {len(summary.psnr)} images")
+    if summary.mean_psnr_rgb is not None:
+        typer.echo(
+            f"mean PSNR (RGB) {summary.mean_psnr_rgb:.2f} dB over {len(summary.psnr_rgb)} images "
+            "(psnr_rgb per image in OUTPUT/manifest.json)"
+        )
     if summary.failed:
         fatal(f"{len(summary.failed)} input(s) failed (listed above); fix or remove them and rerun to finish")
 
@@ -157,6 +133,7 @@ def encode(
     device: str = _DEVICE,
     overwrite: bool = _OVERWRITE,
     strict: bool = _STRICT,
+    quiet: bool = _QUIET,
 ) -> None:
     """Encode images to token grids: OUTPUT/<relative path>.npy shaped (heads, h, w).
 
@@ -170,8 +147,10 @@ def encode(
     with _interruptible():
         codec.check_options(assign, pack, not no_crop)
         check_input(input, exclude=[output])  # before the slow model load
+        codec.check_output_path(output)
+        codec.refuse_if_busy(output)  # at once, not after the model load
         m = _load(model, revision, device)
-        with _progress("encoding") as (on_progress, on_failure):
+        with _progress("encoding", quiet) as (on_progress, on_failure):
             summary = codec.encode(
                 m,
                 input,
@@ -199,9 +178,13 @@ def decode(
     model: str | None = _model_option(None),
     revision: str | None = _REVISION,
     batch_size: int = _BATCH,
+    workers: int | None = typer.Option(
+        None, "--workers", "-j", min=0, help="PNG writer threads (default: CPU cores - 1, at most 8)."
+    ),
     device: str = _DEVICE,
     overwrite: bool = _OVERWRITE,
     strict: bool = _STRICT,
+    quiet: bool = _QUIET,
 ) -> None:
     """Decode token grids to PNG images.
 
@@ -209,12 +192,16 @@ def decode(
 
     With a manifest.json, only the files it lists are decoded; names must stay inside OUTPUT.
 
+    OUTPUT/manifest.json lists the PNGs written: a rerun skips those made from the same token files.
+
     A bad file is reported in one line and skipped; the run decodes the rest, then exits 1.
     """
     from optvq_cli.tokenize import pipeline as codec
 
     with _interruptible():
         codec.check_tokens_input(tokens)  # before the slow model load
+        codec.check_output_path(output)
+        codec.refuse_if_busy(output)  # at once, not after the model load
         recorded_in = None
         if model is None:
             recorded = codec.tokens_model(tokens)
@@ -223,12 +210,15 @@ def decode(
             else:
                 model = DEFAULT_MODEL
         m = _load(model, revision, device, recorded_in)
-        with _progress("decoding") as (on_progress, on_failure):
+        with _progress("decoding", quiet) as (on_progress, on_failure):
             summary = codec.decode(
                 m,
                 tokens,
                 output,
+                model_ref=codec.canonical_ref(model),
+                revision=revision,
                 batch_size=batch_size,
+                workers=workers,
                 overwrite=overwrite,
                 strict=strict,
                 on_progress=on_progress,
@@ -252,6 +242,7 @@ def reconstruct(
     device: str = _DEVICE,
     overwrite: bool = _OVERWRITE,
     strict: bool = _STRICT,
+    quiet: bool = _QUIET,
 ) -> None:
     """Encode and decode in one pass; prints the mean RGB PSNR against the preprocessed inputs.
 
@@ -265,8 +256,10 @@ def reconstruct(
     with _interruptible():
         codec.check_options(assign)
         check_input(input, exclude=[output])  # before the slow model load
+        codec.check_output_path(output)
+        codec.refuse_if_busy(output)  # at once, not after the model load
         m = _load(model, revision, device)
-        with _progress("reconstructing") as (on_progress, on_failure):
+        with _progress("reconstructing", quiet) as (on_progress, on_failure):
             summary = codec.reconstruct(
                 m,
                 input,

@@ -320,20 +320,21 @@ def unpad(a: np.ndarray, padding: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def to_tensor(pixels: np.ndarray):
-    """(H, W, C) uint8 -> float32 (C, H, W) in [-1, 1]."""
+    """(H, W, C) uint8 -> float32 (C, H, W) in [-1, 1], contiguous (see ``batch_to_tensor``)."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float()
+    t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous().float()
     return t.div_(127.5).sub_(1.0)
 
 
 def batch_to_tensor(pixels: list[np.ndarray], device=None):
     """Same-shape (H, W, C) uint8 images -> float32 (B, C, H, W) in [-1, 1] on ``device``; moved
-    as uint8 (a quarter of the bytes) and converted there."""
+    as uint8 (a quarter of the bytes) and converted there. Contiguous: a channels-last view would
+    take other convolution kernels than a tensor built by hand, flipping near-tied tokens."""
     import torch
 
     x = torch.from_numpy(np.stack(pixels)).to(device, non_blocking=True)
-    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return x.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
 
 
 def to_pixels(images) -> np.ndarray:
