@@ -187,25 +187,7 @@ def _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group) -> torch
     def view(s: int, e: int) -> torch.Tensor:
         return store[: e - s] if stream else store[s:e]
 
-    # Sweep 1: mean and min of D (its second moment is closed-form), Eqs. 11-12.
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    dmin = torch.full((), math.inf, device=x.device)
-    for s, e in spans:
-        d = pairs.dist(s, e, view(s, e))
-        total += d.sum().double()
-        dmin = torch.minimum(dmin, d.min())
-    _all_sum(total, group)
-    _all_min(dmin, group)
-    count = pairs.l_total * n
-    mean = float(total) / count
-    var = (pairs.sum_sq - float(total) * mean) / max(count - 1.0, 1.0)
-    if var <= 1e-4 * pairs.sum_sq / count:  # ill-conditioned: exact sum of squared deviations
-        m2 = torch.zeros((), dtype=torch.float64, device=x.device)
-        for s, e in spans:
-            d = view(s, e) if not stream else pairs.dist(s, e, view(s, e))
-            m2 += (d - mean).square_().sum().double()
-        var = float(_all_sum(m2, group)) / max(count - 1.0, 1.0)
-    scale = epsilon / (math.sqrt(max(var, 0.0)) + STD_EPS)
+    scale, dmin = _z_score(pairs, spans, view, stream, epsilon, group)
     shift = scale * float(dmin)
     ca_scaled = pairs.ca * scale**2 if stream else None  # streaming folds the scale into the multiply
 
@@ -241,6 +223,31 @@ def _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group) -> torch
         best[s:e], idx[s:e] = _best_in_rows(kernel(s, e).mul_(v))
     _fix_dead_rows(idx, best, pairs, v, scale, float(dmin))
     return idx
+
+
+def _z_score(pairs: _Pairs, spans, view, stream: bool, epsilon: float, group) -> tuple[float, torch.Tensor]:
+    """Sweep 1: mean and min of D (its second moment is closed-form), Eqs. 11-12; returns the
+    factor epsilon / (std D + 1e-6) and min D. Dense mode leaves D in the store for sweep 2."""
+    x, n = pairs.x, pairs.codes.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    dmin = torch.full((), math.inf, device=x.device)
+    for s, e in spans:
+        d = pairs.dist(s, e, view(s, e))
+        total += d.sum().double()
+        dmin = torch.minimum(dmin, d.min())
+    _all_sum(total, group)
+    _all_min(dmin, group)
+    count = pairs.l_total * n
+    mean = float(total) / count
+    var = (pairs.sum_sq - float(total) * mean) / max(count - 1.0, 1.0)
+    if var <= 1e-4 * pairs.sum_sq / count:  # ill-conditioned: exact sum of squared deviations
+        m2 = torch.zeros((), dtype=torch.float64, device=x.device)
+        for s, e in spans:
+            d = view(s, e) if not stream else pairs.dist(s, e, view(s, e))
+            m2 += (d - mean).square_().sum().double()
+        var = float(_all_sum(m2, group)) / max(count - 1.0, 1.0)
+    scale = epsilon / (math.sqrt(max(var, 0.0)) + STD_EPS)
+    return scale, dmin
 
 
 def _update(v: torch.Tensor, sums: torch.Tensor, size: float) -> torch.Tensor:
