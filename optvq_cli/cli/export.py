@@ -15,7 +15,10 @@ from optvq_cli.cli.app import app, fatal
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import TMP_MARK
 
-MODEL_HELP = "Model: a folder, a .safetensors file, a bundled name or a hub id (ORG/NAME)."
+MODEL_HELP = (
+    "Model: a folder, a .safetensors file, a bundled name (bundled:NAME where a folder has that name) "
+    "or a hub id (ORG/NAME)."
+)
 PRESET_PREFIX = "preset:"  # `optvq info preset:NAME`: the preset even where a folder has its name
 
 
