@@ -18,7 +18,18 @@ from PIL import Image
 from optvq_cli.eval.run import EvalOptions, list_images, run_eval
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
-TOP_KEYS = {"psnr_y", "psnr_rgb", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "count", "protocol", "heads"}
+TOP_KEYS = {
+    "psnr_y",
+    "psnr_rgb",
+    "ssim",
+    "lpips",
+    "rfid",
+    "codebook_usage",
+    "perplexity",
+    "count",
+    "protocol",
+    "per_head",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +129,7 @@ def test_against_identical_folder_report_keys_and_protocol(photos, tmp_path, inv
     assert rep["lpips"] is None and rep["rfid"] is None
     for key in ("lpips", "rfid"):
         assert "optvq weights fetch" in rep["unavailable"][key] and "\n" not in rep["unavailable"][key]
-    assert rep["codebook_usage"] is None and rep["heads"] == []
+    assert rep["codebook_usage"] is None and rep["per_head"] == []
     p = rep["protocol"]
     for key in ("resolution", "resize", "crop", "psnr_y", "psnr_rgb", "ssim", "lpips", "rfid"):
         assert key in p
@@ -256,8 +267,8 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
     assert rep["codebook_usage"] == pytest.approx(used / n)
     assert rep["assignment_agreement"] == pytest.approx(float((idx == near).double().mean()))
     assert rep["codebook"]["tokens"] == idx.numel()
-    assert len(rep["heads"]) == model.quantize.heads
-    for h, head in enumerate(rep["heads"]):
+    assert len(rep["per_head"]) == model.quantize.heads
+    for h, head in enumerate(rep["per_head"]):
         assert head["codebook_usage"] == pytest.approx(torch.unique(idx[:, h]).numel() / n)
     assert 1.0 <= rep["perplexity"] <= used
     mse_rgb = ((rec.double() - x.double()) ** 2).mean(dim=(1, 2, 3))

@@ -13,7 +13,10 @@ import typer
 from optvq_cli.checkpoints import DEFAULT_MODEL
 from optvq_cli.cli.app import app, console, fatal
 
-_MODEL_HELP = "Model: a bundled name, a local folder, or a Hugging Face repo id."
+_MODEL_HELP = (
+    "Model: a bundled name (bundled:NAME where a folder has that name), a local folder, a .safetensors file "
+    "or a Hugging Face repo id (ORG/NAME)."
+)
 
 
 def _model_option(default: str | None) -> Any:

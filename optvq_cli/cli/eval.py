@@ -72,7 +72,7 @@ def _codebook_table(report: dict):
     table.add_column("codebook usage", justify="right")
     table.add_column("perplexity", justify="right")
     table.add_row("all", _fmt(report["codebook_usage"]), _fmt(report["perplexity"], 1))
-    for h in report["heads"]:
+    for h in report["per_head"]:
         table.add_row(f"head {h['head']}", _fmt(h["codebook_usage"]), _fmt(h["perplexity"], 1))
     return table
 

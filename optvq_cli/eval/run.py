@@ -733,7 +733,7 @@ def _report(job: _Job, sums: Sums, world_size: int) -> dict[str, Any]:
         "perplexity": None,
         "assignment_agreement": None,
         "count": n,
-        "heads": [],
+        "per_head": [],
     }
     if sums.counts is not None:
         block, heads = _codebook(sums)
@@ -741,7 +741,7 @@ def _report(job: _Job, sums: Sums, world_size: int) -> dict[str, Any]:
         report["perplexity"] = M.perplexity(sums.counts)
         report["assignment_agreement"] = block["assignment_agreement"]
         report["codebook"] = block
-        report["heads"] = heads
+        report["per_head"] = heads
     report["metrics"] = job.wanted
     report["unavailable"] = unavailable
     report["failed"] = [{"path": path, "reason": why} for path, why in sums.failed]
