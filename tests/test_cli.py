@@ -55,3 +55,24 @@ def test_no_arguments_prints_help():
     res = _run()
     assert "Usage: optvq" in res.stdout + res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_pillow_warnings_are_one_line_naming_the_file(tmp_path):
+    """A decompression-bomb size (Pillow's limit lowered to 3,000 pixels here) is read, with one
+    `warning:` line naming the file instead of Python's two-line warning with source."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "in" / "wide.png")
+    code = (
+        "import sys, PIL.Image as I; I.MAX_IMAGE_PIXELS = 3000; from optvq_cli.cli import main; "
+        f"sys.argv = ['optvq', 'encode', {str(tmp_path / 'in')!r}, {str(tmp_path / 'out')!r}, '-q']; main()"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stderr.splitlines() if "wide.png" in line]
+    assert lines and all(line.startswith("warning: ") and "pixels" in line for line in lines)
+    assert "warnings.warn" not in res.stderr and "DecompressionBombWarning" not in res.stderr

@@ -532,6 +532,8 @@ def test_failed_start_up_writes_nothing(tmp_path, data, extra):
     assert code == 1 and "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip().splitlines()[-1]]
     assert not run.exists()  # a corrected rerun needs no --overwrite or --resume
+    if data == "apple.jpg":
+        assert "--data takes a folder of images" in err
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 import typer
 from typer import Abort
@@ -49,6 +51,8 @@ def main() -> None:
     (ValueError, OSError, MemoryError) become one ``error:`` line and a non-zero exit;
     ``OPTVQ_DEBUG=1`` shows the traceback of a library error instead."""
     debug = os.environ.get("OPTVQ_DEBUG", "").strip().lower() in {"1", "on", "yes", "true"}
+    if not debug:
+        warnings.showwarning = _warning_line
     try:
         code = app(standalone_mode=False, prog_name="optvq")
     except NoArgsIsHelpError as e:
@@ -67,6 +71,12 @@ def main() -> None:
         error_line(_library_error(e))
         code = 1
     raise SystemExit(code or 0)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (Pillow's about one file, torch's, ...) as one line on stderr, not two with source."""
+    text = str(message).splitlines()[0] if str(message) else category.__name__
+    print(f"warning: {text}", file=sys.stderr if file is None else file)
 
 
 def _library_error(e: BaseException) -> str:

@@ -7,6 +7,7 @@ one unreadable photo in a DataLoader worker does not sink its batch.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -208,9 +209,24 @@ def _pillow_errors() -> Iterator[None]:
         raise ImageError(f"truncated or corrupt image ({e})") from None
 
 
+class ImageWarning(UserWarning):
+    """Pillow's complaint about a file it could still read (a decompression-bomb size, corrupt
+    EXIF), re-issued once with the file's path."""
+
+
+@contextmanager
+def _named_warnings(path: Path) -> Iterator[None]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    lines = dict.fromkeys(str(w.message).splitlines()[0] if str(w.message) else w.category.__name__ for w in caught)
+    for line in lines:
+        warnings.warn(f"{path}: {line}", ImageWarning, stacklevel=3)
+
+
 def read_image(path: Path, channels: int) -> Image.Image:
     """The first frame of ``path``, EXIF orientation applied, as "RGB" or "L". Raises ImageError."""
-    with _pillow_errors():
+    with _named_warnings(path), _pillow_errors():
         if os.path.getsize(path) == 0:
             raise ImageError("empty file (0 bytes)")
         with Image.open(path) as im:
@@ -222,7 +238,7 @@ def read_image(path: Path, channels: int) -> Image.Image:
 
 def read_size(path: Path) -> tuple[int, int]:
     """(width, height) after EXIF orientation, from the header only (no pixel decoding)."""
-    with _pillow_errors(), Image.open(path) as im:
+    with _named_warnings(path), _pillow_errors(), Image.open(path) as im:
         w, h = im.size
         if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
             w, h = h, w

@@ -221,6 +221,12 @@ def _idx_folders(root: Path) -> list[Path]:
     return [root, root / "raw", *(root / d for d in _TORCHVISION_IDX_DIRS.values())]
 
 
+DATA_KINDS = (
+    "a folder of images (recursive; train/ and val/ inside are used as the splits), MNIST / Fashion-MNIST "
+    "idx files or their folder, or CIFAR-10's cifar-10-batches-py/"
+)
+
+
 def find_idx(root: Path) -> tuple[Path, Path | None] | None:
     """(train images, test images or None) under ``root``: the folder itself, ``raw/`` or
     torchvision's ``MNIST/raw`` / ``FashionMNIST/raw``; or ``root`` is the train-images file."""
@@ -436,6 +442,8 @@ def open_splits(
     if kind == "auto":
         if not root.exists():
             raise UserError(f"--data {root}: no such file or folder")
+        if root.is_file() and root.suffix.lower() in image_extensions():
+            raise UserError(f"--data {root}: one image is not a training set; --data takes {DATA_KINDS}")
         kind = detect_kind(root)
     if kind == "folder":
         return _folder_dataset(root, channels, size, augment, seed, crop_scale, val_size, val_fraction)
