@@ -76,3 +76,20 @@ def test_pillow_warnings_are_one_line_naming_the_file(tmp_path):
     lines = [line for line in res.stderr.splitlines() if "wide.png" in line]
     assert lines and all(line.startswith("warning: ") and "pixels" in line for line in lines)
     assert "warnings.warn" not in res.stderr and "DecompressionBombWarning" not in res.stderr
+
+
+@pytest.mark.slow
+def test_a_batch_too_large_for_memory_is_one_line_before_it_runs(tmp_path):
+    """12000 x 12000 through the default model needs far more than this machine's memory: refused
+    from the model's estimate, naming the flags to lower, instead of a traceback or a swapped-out machine."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (96, 64), (10, 200, 30)).save(tmp_path / "apple.png")
+    args = [sys.executable, "-m", "optvq_cli", "reconstruct", str(tmp_path / "apple.png"), str(tmp_path / "o")]
+    res = subprocess.run([*args, "--size", "12000", "-q"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a batch of 1 image(s) of 12000x12000 needs about") and "--size" in last

@@ -70,6 +70,11 @@ def main() -> None:
             raise
         error_line(_library_error(e))
         code = 1
+    except RuntimeError as e:  # torch's allocators report running out of memory this way
+        if debug or not any(s in str(e) for s in ("can't allocate memory", "out of memory")):
+            raise
+        error_line("out of memory: lower --batch-size (or --size) and run again")
+        code = 1
     raise SystemExit(code or 0)
 
 
@@ -82,7 +87,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 def _library_error(e: BaseException) -> str:
     """One line for an error raised below the CLI: its message names the file and the fix."""
     if isinstance(e, MemoryError):
-        return "out of memory: lower --batch-size (or the image size) and run again"
+        return first_line(e) if str(e) else "out of memory: lower --batch-size (or the image size) and run again"
     if isinstance(e, OSError) and e.filename:  # a path that cannot be read or written
         return f"{e.filename}: {e.strerror or first_line(e)}; check the path and its permissions"
     return first_line(e)

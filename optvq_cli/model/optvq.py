@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,25 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes a batch may use on ``device``: a GPU's total memory, or the CPU's available memory
+    (MemAvailable; the physical memory where /proc is missing). None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type != "cpu":
+        return None
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 @dataclass
 class Provenance:
     """Where a model came from: what the loader found, attached to the model in one place."""
@@ -304,7 +324,7 @@ class OptVQModel(nn.Module):
             assign=config.assign,  # type: ignore[arg-type]
         )
         self.compute_dtype: torch.dtype | None = None
-        self.feature_chunk = 8  # encoder batch shape of nearest tokens (see features_fixed)
+        self.feature_chunk = 8  # encoder batch shape of nearest tokens on a GPU (see features_fixed)
         self.provenance = Provenance()  # set once, by the loader
 
     # -- provenance (read-only views of self.provenance) -------------------------------------
@@ -367,6 +387,24 @@ class OptVQModel(nn.Module):
         if images.dim() != 4 or images.shape[1] != c:
             raise UserError(f"the model takes (B, {c}, H, W) images, got shape {tuple(images.shape)}")
         self.check_size(int(images.shape[-2]), int(images.shape[-1]))
+        self.check_memory(images.shape[0], int(images.shape[-2]), int(images.shape[-1]), images.device)
+
+    def activation_bytes(self, batch: int, height: int, width: int) -> int:
+        """About the peak memory of a forward pass: the widest full-resolution layer's activations,
+        a few of them alive at once (input, output, a temporary, a norm's statistics), fp32."""
+        cfg = self.config
+        width_at_full = cfg.ch * cfg.ch_mult[0] if cfg.arch == "vqgan" else cfg.cnn_widths[0]
+        return 4 * 4 * width_at_full * batch * height * width
+
+    def check_memory(self, batch: int, height: int, width: int, device: torch.device) -> None:
+        """Refuse, in one line naming what to lower, a batch that cannot fit this device's memory,
+        instead of exhausting the machine or ending in an allocator's traceback."""
+        need, have = self.activation_bytes(batch, height, width), device_memory(device)
+        if have is not None and need > have:
+            raise MemoryError(
+                f"a batch of {batch} image(s) of {width}x{height} needs about {need / 2**30:.1f} GiB, more than "
+                f"the {have / 2**30:.1f} GiB here: lower --batch-size or --size"
+            )
 
     def check_indices(self, indices: torch.Tensor) -> None:
         heads, n = self.config.heads, self.config.n_codes
@@ -419,11 +457,14 @@ class OptVQModel(nn.Module):
 
     @torch.no_grad()
     def features_fixed(self, images: torch.Tensor) -> torch.Tensor:
-        """``features`` computed ``feature_chunk`` images at a time, the last chunk padded with
-        zeros. Convolution libraries pick their algorithm (and so their rounding) by batch shape:
-        at batch 1 and 16 the same image's features differed by 3e-6, enough to flip 13 of 2.4 M
-        near-tied nearest tokens; at one fixed shape an image's features depend on it alone."""
-        n, k = images.shape[0], self.feature_chunk
+        """``features`` computed at one fixed batch shape: one image at a time on the CPU, chunks
+        of ``feature_chunk`` (the last padded with zeros) on a GPU. Convolution libraries pick their
+        algorithm (and so their rounding) by batch shape and memory layout: at batch 1 and 16 the
+        same image's features differed by 1e-6, enough to flip 9 of 2.4 M near-tied nearest tokens;
+        at one shape and layout an image's features depend on it alone. On this CPU one image at a
+        time is no slower than batches (single thread) and pads nothing."""
+        n = images.shape[0]
+        k = 1 if images.device.type == "cpu" else self.feature_chunk
         images = images.contiguous()  # one memory layout too: channels-last strides take another path
         if n % k:
             images = torch.cat([images, images.new_zeros(k - n % k, *images.shape[1:])])
