@@ -98,7 +98,7 @@ def render_views(im: Image.Image, pre: Preprocess, views: Sequence[str]) -> tupl
     """(V, H, W, C) uint8 pixels, one per view, and each view's crop box (left, top, right, bottom)
     in the source's pixels. ``flip`` is the mirrored image put through the same preprocessing; the
     ten crops are the corners and centre of the image resized to 1.1 x size, and their mirrors."""
-    if views[0] != "center" or len(views) <= 2:
+    if tuple(views) != VIEW_SETS["tencrop"]:
         out, boxes = [], []
         for v in views:
             src = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if v == "flip" else im
