@@ -90,7 +90,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     }
 
 
-def test_shards_hold_the_files_layout_tokens_and_class_labels(tmp_path, model, model_dir):
+def test_shards_rows_and_class_labels(tmp_path, model):
     src = _class_folders(tmp_path / "in")
     summary = _encode(model, src, tmp_path / "out", shard_size=4)
     assert (summary.written, summary.failed, summary.shards_written) == (6, [], 2)
@@ -98,7 +98,26 @@ def test_shards_hold_the_files_layout_tokens_and_class_labels(tmp_path, model, m
     assert index["classes"] == ["cat", "dog"] and index["labels"] == "class folders"
     assert [s["images"] for s in index["shards"]] == [4, 2]
     assert index["model"]["sha256"] == model.sha256 and index["complete"] is True
-    # the per-file layout, through the CLI, is the reference for the tokens
+    data = TokenDataset(tmp_path / "out")
+    assert len(data) == 6 and [data[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]  # cat/*, then dog/*
+    row = Shard(tmp_path / "out" / shard_name(1)).row(1)
+    assert row["path"] == "dog/2.png" and row["size"] == (52, 40) and row["crop"] == (6, 0, 46, 40)
+    assert verify_output(tmp_path / "out") == []
+    assert describe_output(tmp_path / "out")["classes"] == 2
+
+
+def test_reader_workers_write_the_same_bytes(tmp_path, model):
+    src = _class_folders(tmp_path / "in")
+    _encode(model, src, tmp_path / "w0", shard_size=4, workers=0)
+    _encode(model, src, tmp_path / "w2", shard_size=4, workers=2, batch_size=2)
+    assert _files(tmp_path / "w0") == _files(tmp_path / "w2")
+
+
+@pytest.mark.slow
+def test_shards_hold_the_files_layout_tokens(tmp_path, model, model_dir):
+    """The per-file layout, through the CLI, is the reference for the tokens."""
+    src = _class_folders(tmp_path / "in")
+    _encode(model, src, tmp_path / "out", shard_size=4)
     files = tmp_path / "files"
     res = subprocess.run(
         [sys.executable, "-m", "optvq_cli", "encode", str(src), str(files), "--model", str(model_dir)],
@@ -108,15 +127,8 @@ def test_shards_hold_the_files_layout_tokens_and_class_labels(tmp_path, model, m
     assert res.returncode == 0, res.stderr
     data = TokenDataset(tmp_path / "out")
     order = [f"{c}/{i}" for c in ("cat", "dog") for i in range(3)]  # sorted paths
-    assert len(data) == 6
     for row, name in enumerate(order):
-        tokens, label = data[row]
-        np.testing.assert_array_equal(tokens.numpy(), np.load(files / f"{name}.npy"))
-        assert label == (0 if name.startswith("cat") else 1)
-    row = Shard(tmp_path / "out" / shard_name(1)).row(1)
-    assert row["path"] == "dog/2.png" and row["size"] == (52, 40) and row["crop"] == (6, 0, 46, 40)
-    assert verify_output(tmp_path / "out") == []
-    assert describe_output(tmp_path / "out")["classes"] == 2
+        np.testing.assert_array_equal(data[row][0].numpy(), np.load(files / f"{name}.npy"))
 
 
 @pytest.mark.parametrize("kind", ["csv", "json"])
