@@ -645,7 +645,7 @@ def encode_shards(
 
     ``batch_size`` counts model inputs (rows): a batch holds ``batch_size // len(views)`` images
     (at least one) with all their views. ``device`` (None: where the model is) and ``dtype``
-    (fp32, bf16, fp16: the encoder's autocast; the quantizer stays fp32). Under torchrun (or an
+    (fp32, bf16, fp16: the encoder's autocast, the quantizer stays fp32; None: the model's own). Under torchrun (or an
     initialised process group) the shards are divided among the ranks. ``progress(done, total,
     already_done, stats)`` hears of each batch; ``on_failure(path, reason)`` of each bad image.
     """
@@ -655,7 +655,7 @@ def encode_shards(
         shard_size=shard_size, views=views, assign=assign, crop=crop, labels=labels,
         batch_size=batch_size, workers=workers,
     )  # fmt: skip
-    compute = resolve_dtype(dtype)
+    compute = model.compute_dtype if dtype is None else resolve_dtype(dtype)
     if device is not None:
         model = model.to(dist.device_for(device))
     created = dist.init_from_env(model.device)
