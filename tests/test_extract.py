@@ -106,6 +106,14 @@ def test_shards_rows_and_class_labels(tmp_path, model):
     assert describe_output(tmp_path / "out")["classes"] == 2
 
 
+def test_progress_counts_images_and_the_wait_for_data(tmp_path, model):
+    src = _class_folders(tmp_path / "in")
+    calls = []
+    _encode(model, src, tmp_path / "out", shard_size=4, batch_size=2, progress=lambda *a: calls.append(a))
+    assert [c[:3] for c in calls] == [(0, 6, 0)] + [(k, 6, 0) for k in range(2, 7, 2)]
+    assert all(c[3].startswith("device waited ") and c[3].endswith("%") for c in calls[1:])
+
+
 def test_reader_workers_write_the_same_bytes(tmp_path, model):
     src = _class_folders(tmp_path / "in")
     _encode(model, src, tmp_path / "w0", shard_size=4, workers=0)
@@ -254,8 +262,10 @@ def test_a_finished_run_reads_no_image_again(tmp_path, model, monkeypatch):
         raise AssertionError("an image was read")
 
     monkeypatch.setattr(extract, "read_image", no_reading)
-    summary = _encode(model, src, out, shard_size=4)
+    calls = []
+    summary = _encode(model, src, out, shard_size=4, progress=lambda *a: calls.append(a))
     assert (summary.written, summary.skipped, summary.shards_skipped) == (0, 6, 2)
+    assert calls == [(6, 6, 6, "")]
     assert _files(out) == before
 
 

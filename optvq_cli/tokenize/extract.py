@@ -192,7 +192,7 @@ def assign_labels(
             )
         values = [table[r] for r in rels]
         ints = [_int_label(v) for v in values]
-        if all(i is not None and i >= 0 for i in ints):
+        if all(i is not None and i >= NO_LABEL for i in ints):  # -1: this image has no label
             return ints, None, f"file {Path(labels).name}"  # type: ignore[return-value]
         classes = sorted({str(v) for v in values})
         number = {c: i for i, c in enumerate(classes)}
@@ -372,7 +372,7 @@ def _run(
     dataset: _ViewDataset,
     images_per_batch: int,
     workers: int,
-    on_batch: Callable[[_Work, int, list[_Sample]], None],
+    on_batch: Callable[[int, list[_Sample], float], None],
     on_shard: Callable[[_Work], None],
 ) -> float:
     """Encodes every work item, calling ``on_shard`` as each one's last batch is in; returns the
@@ -395,7 +395,7 @@ def _run(
         bad = [s for s in samples if s.error is not None]
         for s in bad:
             item.failures[s.pos] = s.error
-        on_batch(item, len(ok), bad)
+        on_batch(len(ok), bad, waited)
         left[w] -= 1
         if left[w] == 0:
             on_shard(item)
@@ -463,7 +463,9 @@ def _header(model: Any, ref: str, revision: str | None, pre: Preprocess, opts: d
         "assign": opts["assign"],
         # nearest: an image's tokens depend on it alone. sinkhorn: each batch (inside one shard, on
         # whichever rank writes the shard) is one pool.
-        "pools": f"each batch of {opts['batch_size']} rows within a shard, on its own rank" if sinkhorn else None,
+        "pools": f"each batch (at most {opts['batch_size']} rows) within a shard, on its own rank"
+        if sinkhorn
+        else None,
         **({"batch_size": opts["batch_size"]} if sinkhorn else {}),
         "compute_dtype": opts["compute_dtype"],
         "dtype": tk.uint_dtype(int(model.quantizer.n_codes)).name,
@@ -645,8 +647,8 @@ def encode_shards(
 
     ``batch_size`` counts model inputs (rows): a batch holds ``batch_size // len(views)`` images
     (at least one) with all their views. ``device`` (None: where the model is) and ``dtype``
-    (fp32, bf16, fp16: the encoder's autocast, the quantizer stays fp32; None: the model's own). Under torchrun (or an
-    initialised process group) the shards are divided among the ranks. ``progress(done, total,
+    (fp32, bf16, fp16: the encoder's autocast, the quantizer stays fp32; None: the model's own).
+    Under torchrun (or an initialised process group) the shards are divided among the ranks. ``progress(done, total,
     already_done, stats)`` hears of each batch; ``on_failure(path, reason)`` of each bad image.
     """
     from optvq_cli.core.device import DTYPE_NAMES, resolve_dtype
@@ -791,12 +793,13 @@ def _encode_mine(
     empty = np.zeros((0, heads, grid, grid), dtype)
     encoder = _Encoder(model, opts["assign"], dtype, len(views))
     dataset = _ViewDataset(inp.paths, int(model.config.in_channels), pre, views)
-    began, waited = time.perf_counter(), 0.0
+    began = time.perf_counter()
 
-    def on_batch(item: _Work, ok: int, bad: list[_Sample]) -> None:
+    def on_batch(ok: int, bad: list[_Sample], waited: float) -> None:
         nonlocal done
         done += ok + len(bad)
         summary.written += ok
+        summary.wait_seconds = waited
         for s in bad:
             if on_failure:
                 on_failure(str(inp.paths[s.pos]), s.error)
@@ -810,5 +813,4 @@ def _encode_mine(
         summary.shards_written += 1
 
     per_batch = max(1, opts["batch_size"] // len(views))
-    waited = _run(encoder, work, dataset, per_batch, opts["workers"], on_batch, on_shard)
-    summary.wait_seconds = waited
+    summary.wait_seconds = _run(encoder, work, dataset, per_batch, opts["workers"], on_batch, on_shard)
