@@ -382,3 +382,36 @@ def test_two_gloo_processes_write_what_one_does(tmp_path, model, model_dir):
         (two / f"summary{r}.json").unlink()
     _encode(model, src, one, shard_size=2, views="center,flip")
     assert _files(two) == _files(one)
+
+
+_TORCHRUN_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+from optvq_cli.core import dist
+from optvq_cli.model import load_model
+from optvq_cli.tokenize.extract import encode_shards
+
+torch.set_num_threads(1)
+model = load_model(sys.argv[1], device="cpu")
+summary = encode_shards(model, Path(sys.argv[2]), Path(sys.argv[3]), shard_size=3, workers=0)
+assert not dist.is_initialized()  # the group encode_shards made is gone again
+print(json.dumps([summary.written, summary.shards_written]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_join_by_themselves(tmp_path, model, model_dir):
+    src = _class_folders(tmp_path / "in")
+    script = tmp_path / "run.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    out, one = tmp_path / "out", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [*cmd, str(script), str(model_dir), str(src), str(out)], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split().count("[6,") == 2  # both ranks report all 6 images
+    _encode(model, src, one, shard_size=3)
+    assert _files(out) == _files(one)
