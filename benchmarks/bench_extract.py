@@ -131,6 +131,41 @@ def _shard_table(root: Path) -> None:
         )
 
 
+def _encode_here(images: Path, out: Path, shard_size: int) -> None:
+    """One torchrun rank (or the only process): encode with the tiny preset, one thread a process."""
+    import torch
+
+    from optvq_cli.model import build_model
+    from optvq_cli.tokenize.extract import encode_shards
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    encode_shards(build_model("tiny").eval(), images, out, shard_size=shard_size, workers=0, batch_size=64)
+
+
+def _gloo_table(n: int, root: Path) -> None:
+    """torchrun with 1 and 2 gloo processes on the same n images: wall time, identical bytes."""
+    images = root / "gloo-images"
+    _write_images(images, n)
+    outs, walls = {}, {}
+    for procs in (1, 2):
+        outs[procs] = root / f"gloo{procs}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+        cmd += [__file__, "--rank-run", str(images), str(outs[procs]), "--shard-size", str(max(1, n // 8))]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        walls[procs] = time.perf_counter() - t0
+
+    def files(d: Path) -> dict:
+        return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != ".optvq.lock"}
+
+    same = files(outs[1]) == files(outs[2])
+    print(f"\n{n:,} images in 8 shards, torchrun (gloo, CPU, 1 thread a process, start-up included)\n")
+    print("| processes | wall | identical bytes |\n|---:|---:|---|")
+    for procs in (1, 2):
+        print(f"| {procs} | {walls[procs]:.1f} s | {'yes' if same else 'NO'} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
@@ -139,11 +174,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--shard-size", type=int, default=10_000)
     ap.add_argument("--shards-only", action="store_true", help="only the one-shard read/write table")
+    ap.add_argument("--gloo", type=int, metavar="N", help="only 1 vs 2 torchrun processes on N images")
+    ap.add_argument("--rank-run", nargs=2, type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(_one(args.one, args.workers, args.batch_size, args.shard_size, args.root)))
+        return
+    if args.rank_run:
+        _encode_here(*args.rank_run, args.shard_size)
+        return
+    if args.gloo:
+        with tempfile.TemporaryDirectory() as tmp:
+            _gloo_table(args.gloo, Path(tmp))
         return
     if args.shards_only:
         with tempfile.TemporaryDirectory() as tmp:

@@ -415,3 +415,15 @@ def test_torchrun_ranks_join_by_themselves(tmp_path, model, model_dir):
     assert res.stdout.split().count("[6,") == 2  # both ranks report all 6 images
     _encode(model, src, one, shard_size=3)
     assert _files(out) == _files(one)
+
+
+def test_tokens_info_names_the_labels_and_failures(tmp_path, model):
+    src = _class_folders(tmp_path / "in")
+    (src / "cat" / "broken.png").write_bytes(b"not a png")
+    _encode(model, src, tmp_path / "out", views="center,flip")
+    res = subprocess.run(
+        [sys.executable, "-m", "optvq_cli", "tokens", "info", str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert "6 images, 12 rows" in res.stdout and "labels: 2 classes (class folders)" in res.stdout
+    assert "views: center, flip" in res.stdout and "failures: 1" in res.stdout
