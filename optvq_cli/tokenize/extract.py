@@ -691,7 +691,7 @@ class _Inputs:
 
 def _inputs(input: Path, output: Path, labels: Path | None) -> tuple[_Inputs, list[str] | None, str]:
     root, items, problems = find_inputs(input, exclude=[output])
-    rels = [it.path.relative_to(root).as_posix() for it in items]
+    rels = [it.name + it.path.suffix for it in items]  # the name is the relative path less its suffix
     lab, classes, source = assign_labels(rels, root, input.is_dir(), labels)
     return _Inputs(root, [it.path for it in items], rels, lab, problems), classes, source
 
