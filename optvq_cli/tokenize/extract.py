@@ -696,10 +696,13 @@ def _inputs(input: Path, output: Path, labels: Path | None) -> tuple[_Inputs, li
     return _Inputs(root, [it.path for it in items], rels, lab, problems), classes, source
 
 
-def _gather_errors(error: BaseException | None) -> None:
-    """Every rank learns whether any rank failed; each raises (its own error, or one naming the
-    failed rank), so no rank waits at a later collective for one that left."""
+def _gather_errors(error: BaseException | None, then: Callable[[], None] | None = None) -> None:
+    """A barrier at which every rank learns whether any rank failed; ``then`` runs after it (on
+    every rank that passes it), and each rank raises (its own error, or one naming the failed
+    rank), so no rank waits at a later collective for one that left."""
     messages = dist.all_gather_object(None if error is None else str(error))
+    if then is not None:
+        then()
     if error is not None:
         raise error
     for r, m in enumerate(messages):
@@ -737,11 +740,14 @@ def _encode(model: Any, input: Path, output: Path, opts: dict, progress: Any, on
             _encode_mine(model, output, plans, inp, pre, opts, summary, progress, on_failure)
         except Exception as e:  # noqa: BLE001 - handed to every rank, then raised
             error = e
-        if dist.is_main():  # the shards on disk, whoever wrote them, even after a failure
-            states = [_shard_state(output, p) for p in plans]
-            doc = _index(header, plans, states, inp.rels, inp.problems)
-            _write_index(output, doc)
-        _gather_errors(error)
+        doc: dict = {}
+
+        def write_index() -> None:  # rank 0, once every rank is done: the shards on disk, even after a failure
+            if dist.is_main():
+                doc.update(_index(header, plans, [_shard_state(output, p) for p in plans], inp.rels, inp.problems))
+                _write_index(output, doc)
+
+        _gather_errors(error, then=write_index)
     failures = dist.all_gather_object([(f["path"], f["reason"]) for f in doc["failures"]] if dist.is_main() else None)
     summary.failed = failures[0]
     counts = dist.all_gather_object((summary.written, summary.skipped, summary.shards_written, summary.shards_skipped))
