@@ -30,7 +30,7 @@ def info(
         f"{d['path']}: {d['layout']} layout, {d['images']} images, {d['rows']} rows",
         *([f"shards: {d['shards']}"] if d["shards"] is not None else []),
         f"views: {', '.join(d['views'])}",
-        f"labels: {d['classes']} classes" if d["classes"] else "labels: none",
+        f"labels: {d['classes']} classes ({d['labels']})" if d["classes"] else f"labels: {d['labels']}",
         f"model: {model.get('ref')} (sha256 {str(model.get('sha256'))[:12]}), "
         f"{model.get('heads')} heads x {model.get('n_codes')} codes; assignment {d['assign']}",
         f"failures: {d['failures']}",

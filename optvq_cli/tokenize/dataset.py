@@ -124,6 +124,8 @@ def describe_output(path: str | Path) -> dict[str, Any]:
         "shards": len(index.get("shards", [])) if layout == "shards" else None,
         "views": list(index.get("views") or ["center"]),
         "classes": len(index["classes"]) if index.get("classes") else None,
+        # where the labels came from: "class folders", "file NAME" or "none"
+        "labels": index.get("labels") or ("class names" if index.get("classes") else "none"),
         "model": {k: model.get(k) for k in ("ref", "sha256", "n_codes", "heads")},
         "assign": index.get("assign"),
         "failures": len(index.get("failures") or []) if "failures" in index else index.get("failed", 0),

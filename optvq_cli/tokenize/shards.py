@@ -12,7 +12,9 @@ numpy) alone, memory-mapped, one row at a time:
     path_bytes / path_offsets  the rows' source paths (UTF-8, relative to INPUT): row i is
             path_bytes[path_offsets[i]:path_offsets[i + 1]]
 
-The header's one metadata key ``optvq`` holds ``{"optvq_format": 1, "views": [...]}``.
+The header's one metadata key ``optvq`` holds ``{"optvq_format": 1, "views": [...]}`` and what the
+writer adds (``optvq encode`` adds the shard's plan fingerprint and its failed images, so a rerun
+learns what is done from the headers alone).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def shard_name(index: int) -> str:
     return f"{SHARD_DIR}/shard-{index:05d}.safetensors"
 
 
-def write_shard(path: str | Path, rows: ShardRows) -> None:
-    """Write one shard atomically (readers and a resumed run see all of it or none)."""
+def write_shard(path: str | Path, rows: ShardRows, meta: dict[str, Any] | None = None) -> None:
+    """Write one shard atomically (readers and a resumed run see all of it or none). ``meta``: more
+    JSON-able keys for the header's ``optvq`` entry."""
     n = len(rows)
     encoded = [p.encode("utf-8") for p in rows.paths]
     offsets = np.zeros(n + 1, np.int64)
@@ -71,7 +74,8 @@ def write_shard(path: str | Path, rows: ShardRows) -> None:
     for name, col in columns.items():
         if name not in ("path_bytes", "path_offsets") and len(col) != n:
             raise ValueError(f"shard column {name} has {len(col)} rows, expected {n}")
-    header = {"optvq": json.dumps({"optvq_format": SHARD_FORMAT, "views": list(rows.view_names)}, sort_keys=True)}
+    doc = {**(meta or {}), "optvq_format": SHARD_FORMAT, "views": list(rows.view_names)}
+    header = {"optvq": json.dumps(doc, sort_keys=True)}
     write_safetensors(path, columns, header)
 
 
@@ -91,6 +95,7 @@ class Shard:
         missing = [c for c in COLUMNS if c not in self._file.keys()]
         if missing or meta.get("optvq_format") != SHARD_FORMAT:
             raise ValueError(f"{self.path}: not an optvq token shard (missing {', '.join(missing) or 'header'})")
+        self.meta: dict[str, Any] = meta
         self.view_names: list[str] = list(meta.get("views", []))
         self.shape = tuple(self._file.get_slice("tokens").get_shape())
 
