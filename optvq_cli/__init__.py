@@ -16,11 +16,13 @@ _EXPORTS = {
     "codebook_stats": "optvq_cli.quant.quantizer",
     "OptVQModel": "optvq_cli.model.optvq",
     "ModelConfig": "optvq_cli.model.optvq",
+    "TokenDataset": "optvq_cli.tokenize.dataset",
 }
 __all__ = [
     "ModelConfig",
     "OptVQModel",
     "OptVQuantizer",
+    "TokenDataset",
     "codebook_stats",
     "nearest_assign",
     "sinkhorn_assign",
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from optvq_cli.model.optvq import ModelConfig, OptVQModel
     from optvq_cli.quant.assign import nearest_assign, sinkhorn_assign
     from optvq_cli.quant.quantizer import OptVQuantizer, codebook_stats
+    from optvq_cli.tokenize.dataset import TokenDataset
 
 
 def __getattr__(name: str):

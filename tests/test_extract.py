@@ -40,7 +40,7 @@ def model_dir(tmp_path_factory) -> Path:
     model = build_model("tiny").eval()
     rng = np.random.default_rng(0)
     x = torch.stack([to_tensor(rng.integers(0, 256, (32, 32, 3), np.uint8)) for _ in range(8)])
-    q = model.quantizer
+    q = model.quantize
     with torch.no_grad():
         pool = model.features(x).permute(0, 2, 3, 1).reshape(-1, q.code_dim)
         q.embedding.weight.copy_(
@@ -430,3 +430,26 @@ def test_tokens_info_names_the_labels_and_failures(tmp_path, model):
     assert res.returncode == 0, res.stderr
     assert "6 images, 12 rows" in res.stdout and "labels: 2 classes (class folders)" in res.stdout
     assert "views: center, flip" in res.stdout and "failures: 1" in res.stdout
+
+
+def test_optvq_encode_layout_shards_through_the_cli(tmp_path, model_dir):
+    """`optvq encode --layout shards` writes shards that `tokens verify` accepts and TokenDataset reads
+    with the class-folder labels and one row per view; a rerun has nothing left to do."""
+    src = _class_folders(tmp_path / "in", per_class=2)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "optvq_cli", "encode", str(src), str(out), "--model", str(model_dir)]
+    args += ["--layout", "shards", "--shard-size", "3", "--views", "center,flip", "-q"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("encoded 4 of 4")
+    import optvq_cli
+
+    data = optvq_cli.TokenDataset(out)  # the public name
+    assert len(data) == 8 and sorted({data[i][1] for i in range(8)}) == [0, 1]
+    assert len(TokenDataset(out, view="flip")) == 4
+    check = subprocess.run([sys.executable, "-m", "optvq_cli", "tokens", "verify", str(out)], capture_output=True)
+    assert check.returncode == 0, check.stderr
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "encoded 0 of 4, 4 already done" in again.stdout
+    bad = subprocess.run([*args, "--pack"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --layout shards")

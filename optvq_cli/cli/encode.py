@@ -76,6 +76,34 @@ def _load(ref: str, revision: str | None, device: str, recorded_in: Path | None 
         fatal(f"the model recorded in {recorded_in} ({ref}) cannot be loaded: {e}; pass --model")
 
 
+_LAYOUTS = ("files", "packed", "shards")
+_LAYOUT = typer.Option(
+    "files",
+    "--layout",
+    help="files: one .npy per image (folders of photos). packed: one tokens.npy (as --pack). shards: "
+    "safetensors shards of --shard-size images with labels and views, resumable, split across torchrun "
+    "ranks (training sets).",
+)
+_SHARD_SIZE = typer.Option(10000, "--shard-size", min=1, help="Images per shard (--layout shards).")
+_VIEWS = typer.Option(
+    "center",
+    "--views",
+    help="center, center,flip or tencrop (4 corners + centre and their mirrors); a row per view (--layout shards).",
+)
+_LABELS = typer.Option(
+    None,
+    "--labels",
+    help="CSV (path,label) or JSON {path: label}; default: class folders INPUT/<class>/<image>, else -1 "
+    "(--layout shards).",
+)
+_RETRY_FAILED = typer.Option(
+    False, "--retry-failed", help="Encode again only the images the index lists as failed (--layout shards)."
+)
+_DTYPE = typer.Option(
+    "fp32", "--dtype", help="Encoder compute: fp32, bf16 or fp16; the quantizer stays fp32 (--layout shards)."
+)
+
+
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
     """Ctrl-C: one line and exit 130. Every finished output is on disk (written atomically) and
@@ -101,7 +129,7 @@ def _progress(verb: str, quiet: bool) -> Iterator[tuple[Any, Any]]:
         yield bar.update, on_failure
 
 
-def _report(summary: Any, verb: str) -> None:
+def _report(summary: Any, verb: str, retry: str = "fix or remove them and rerun to finish") -> None:
     """The summary on stdout (scripts parse it); non-zero exit when any input failed."""
     parts = [f"{verb} {summary.written} of {summary.total}"]
     if summary.skipped:
@@ -116,7 +144,7 @@ def _report(summary: Any, verb: str) -> None:
             "(psnr_rgb per image in OUTPUT/manifest.json)"
         )
     if summary.failed:
-        fatal(f"{len(summary.failed)} input(s) failed (listed above); fix or remove them and rerun to finish")
+        fatal(f"{len(summary.failed)} input(s) failed (listed above); {retry}")
 
 
 @app.command()
@@ -131,6 +159,12 @@ def encode(
     pack: bool = typer.Option(
         False, "--pack", help="One tokens.npy (N, heads, h, w) + paths.txt instead of one file per image."
     ),
+    layout: str = _LAYOUT,
+    shard_size: int = _SHARD_SIZE,
+    views: str = _VIEWS,
+    labels: Path | None = _LABELS,
+    retry_failed: bool = _RETRY_FAILED,
+    dtype: str = _DTYPE,
     batch_size: int = _BATCH,
     workers: int | None = _WORKERS,
     device: str = _DEVICE,
@@ -138,7 +172,8 @@ def encode(
     strict: bool = _STRICT,
     quiet: bool = _QUIET,
 ) -> None:
-    """Encode images to token grids: OUTPUT/<relative path>.npy shaped (heads, h, w).
+    """Encode images to token grids: OUTPUT/<relative path>.npy shaped (heads, h, w); a training
+    set to safetensors shards with --layout shards.
 
     A rerun skips finished outputs; --overwrite redoes them.
 
@@ -147,6 +182,18 @@ def encode(
     from optvq_cli.core.images import check_input
     from optvq_cli.tokenize import pipeline as codec
 
+    if layout not in _LAYOUTS:
+        fatal(f"--layout {layout}: use one of {', '.join(_LAYOUTS)}")
+    if layout == "shards":
+        if pack or strict:
+            fatal("--layout shards: --pack and --strict do not apply (a shard is the unit; failures are listed)")
+        shards = dict(shard_size=shard_size, views=views, labels=labels, retry_failed=retry_failed, dtype=dtype)
+        common = dict(size=size, assign=assign, batch_size=batch_size, workers=workers, overwrite=overwrite)
+        return _encode_shards(input, output, model, revision, device, quiet, shards, common)
+    if layout == "packed":
+        pack = True
+    if (views, labels, retry_failed, dtype) != ("center", None, False, "fp32"):
+        fatal("--views, --labels, --retry-failed and --dtype need --layout shards")
     with _interruptible():
         codec.check_options(assign, pack, not no_crop)
         check_input(input, exclude=[output])  # before the slow model load
@@ -172,6 +219,34 @@ def encode(
                 on_failure=on_failure,
             )
     _report(summary, "encoded")
+
+
+def _encode_shards(input: Path, output: Path, ref: str, revision, device: str, quiet: bool, shards, common) -> None:
+    """`encode --layout shards`: the dataset-scale job (every torchrun process runs it)."""
+    import os
+
+    from optvq_cli.core import dist
+    from optvq_cli.core.images import check_input
+    from optvq_cli.tokenize import extract
+    from optvq_cli.tokenize import pipeline as codec
+
+    main = os.environ.get("RANK", "0") == "0"
+    with _interruptible():
+        extract.check_shard_options(
+            shard_size=shards["shard_size"], views=shards["views"], assign=common["assign"], labels=shards["labels"],
+            batch_size=common["batch_size"], workers=common["workers"],
+        )  # fmt: skip
+        check_input(input, exclude=[output])
+        m = _load(ref, revision, str(dist.device_for(device)))
+        with _progress("encoding", quiet or not main) as (on_progress, on_failure):
+            summary = extract.encode_shards(
+                m, input, output, **shards, **common, model_ref=codec.canonical_ref(ref), revision=revision,
+                progress=on_progress, on_failure=on_failure,
+            )  # fmt: skip
+    if main:
+        _report(summary, "encoded", retry="rerun with --retry-failed to encode only those again")
+    elif summary.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

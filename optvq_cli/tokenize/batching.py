@@ -167,7 +167,7 @@ def by_shape(samples: list[Sample]) -> list[list[Sample]]:
 
 
 @contextlib.contextmanager
-def _full_fp32(device: Any) -> Iterator[None]:
+def full_fp32(device: Any) -> Iterator[None]:
     """No TF32 in cuDNN convolutions while encoding: its 10-bit mantissa would let a token near a
     tie flip with the batch size (the chosen algorithm changes with it); plain fp32 keeps tokens
     a property of the image. Restored afterwards."""
@@ -204,7 +204,7 @@ def encoded_batches(
             groups = []
             for group in by_shape([s for s in samples if s.pixels is not None]):
                 x = batch_to_tensor([s.pixels for s in group], device)
-                with _full_fp32(device):
+                with full_fp32(device):
                     groups.append((group, model.encode_indices(x, assign=assign)))
             yield Batch(failed, groups)
 

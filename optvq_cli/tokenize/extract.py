@@ -18,7 +18,7 @@ import csv
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,8 @@ from optvq_cli.core.images import ImageError, Preprocess, find_inputs, read_imag
 from optvq_cli.core.lock import folder_lock
 from optvq_cli.quant import ASSIGN_MODES
 from optvq_cli.tokenize import tokens as tk
+from optvq_cli.tokenize.batching import default_workers, full_fp32, make_preprocess
 from optvq_cli.tokenize.dataset import MANIFEST
-from optvq_cli.tokenize.pipeline import default_workers, make_preprocess
 from optvq_cli.tokenize.shards import NO_LABEL, SHARD_FORMAT, Shard, ShardRows, shard_name, write_shard
 
 DEFAULT_SHARD_SIZE = 10_000
@@ -65,7 +65,7 @@ class ShardSummary:
     shards_skipped: int = 0
     seconds: float = 0.0
     wait_seconds: float = 0.0  # this rank: time the device waited for decoded images
-    mean_psnr: None = None  # the files pipeline's Summary has it; kept so one report prints both
+    mean_psnr_rgb: None = None  # the files pipeline's Summary has it; kept so one report prints both
 
     @property
     def rate(self) -> float:
@@ -298,20 +298,6 @@ def _collate(samples: list[_Sample]) -> tuple[Any, list[_Sample]]:
     return pixels, samples
 
 
-@contextlib.contextmanager
-def _full_fp32(device: Any) -> Iterator[None]:
-    """No TF32 in cuDNN convolutions while encoding (the files pipeline does the same): tokens stay a
-    property of the image, not of the batch size."""
-    import torch
-
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = before and device.type != "cuda"
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
-
-
 @dataclass
 class _Work:
     """One shard to write: the images to encode, and (``retry_failed``) the rows it already has."""
@@ -360,7 +346,7 @@ class _Encoder:
 
         device = self.model.device
         x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        with torch.inference_mode(), _full_fp32(device):
+        with torch.inference_mode(), full_fp32(device):
             indices = self.model.encode_indices(x, assign=self.assign)
         grids = indices.cpu().numpy().astype(self.dtype)
         return grids.reshape(-1, self.views, *grids.shape[1:])
@@ -468,7 +454,7 @@ def _header(model: Any, ref: str, revision: str | None, pre: Preprocess, opts: d
         else None,
         **({"batch_size": opts["batch_size"]} if sinkhorn else {}),
         "compute_dtype": opts["compute_dtype"],
-        "dtype": tk.uint_dtype(int(model.quantizer.n_codes)).name,
+        "dtype": tk.uint_dtype(int(model.quantize.n_codes)).name,
         "input": str(root.resolve()),
     }
 
@@ -793,9 +779,9 @@ def _encode_mine(
         progress(done, total, summary.skipped, "")
     if not work:
         return
-    heads, f = int(model.quantizer.heads), int(model.downsample)
+    heads, f = int(model.quantize.heads), int(model.downsample)
     grid = -(-pre.size // f)
-    dtype = tk.uint_dtype(int(model.quantizer.n_codes))
+    dtype = tk.uint_dtype(int(model.quantize.n_codes))
     empty = np.zeros((0, heads, grid, grid), dtype)
     encoder = _Encoder(model, opts["assign"], dtype, len(views))
     dataset = _ViewDataset(inp.paths, int(model.config.in_channels), pre, views)
