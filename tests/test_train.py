@@ -583,3 +583,17 @@ def test_mnist_validation_psnr_is_evals_psnr_on_the_test_digits(tmp_path):
     got = json.loads(report.read_text())
     assert val["images"] == got["count"] == 4
     assert abs(val["psnr_y"] - got["psnr_y"]) < 1e-6
+
+
+def test_a_second_run_on_a_locked_run_folder_fails_at_once(tmp_path):
+    from optvq_cli.core.lock import FolderBusy, folder_lock
+
+    data = write_photo_dir(tmp_path / "photos", 6)
+    run = tmp_path / "run"
+    cfg = quick("tiny", data, 1, batch_size=4)
+    with folder_lock(run), pytest.raises(FolderBusy, match=f"pid {os.getpid()}"):
+        train(cfg, run, **QUIET)
+    assert [p.name for p in run.iterdir()] == [".optvq.lock"]  # nothing else written
+    train(cfg, run, **QUIET)  # the lock was released: the same run goes ahead, no --overwrite needed
+    with folder_lock(run), pytest.raises(FolderBusy):
+        train(cfg, run, resume=True, **QUIET)

@@ -24,7 +24,7 @@ import random
 import signal
 import threading
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from torch import nn
 
 from optvq_cli.core import dist as D
 from optvq_cli.core.errors import UserError
+from optvq_cli.core.lock import folder_lock
 from optvq_cli.model import OptVQModel, build_model, save_model
 from optvq_cli.train import run as R
 from optvq_cli.train.codebook import init_codebook
@@ -116,6 +117,7 @@ class Trainer:
         splits: Splits | None = None,
         hooks: Hooks | None = None,
         log: Callable[[str], None] = print,
+        locks: ExitStack | None = None,
     ):
         check_config(cfg)
         if cfg.data.path and not resume:  # the saved config must still find the data from another folder
@@ -124,7 +126,12 @@ class Trainer:
         self.cfg, self.run_dir, self.device, self.hooks = cfg, run_dir, device, hooks or Hooks()
         self.main, self.world, self.rank = D.is_main(), D.world_size(), D.rank()
         self.say = log if self.main else (lambda msg: None)
+        # one run per folder: the main process holds RUN/.optvq.lock, released by the caller's ``locks``
+        # (also when start-up fails) or by close()
+        self._lock = locks if locks is not None else ExitStack()
         D.on_main_first(lambda: R.check_run_dir(run_dir, resume, overwrite), others=lambda: None)
+        if resume and self.main:
+            self._lock.enter_context(folder_lock(run_dir))
         self._seed()
         self.model = build_model(cfg.preset, **cfg.model).to(device).train()
         self.mcfg = self.model.config
@@ -207,6 +214,8 @@ class Trainer:
             self.opt_d, self.sched_d = make_optimizer(param_groups([self.disc], lr, o.weight_decay), o, self.total)
 
     def _write_run_dir(self, resume: bool) -> None:
+        if not resume:
+            self._lock.enter_context(folder_lock(self.run_dir))  # creates the folder, now that start-up worked
         R.prepare_run_dir(self.run_dir, resume)
         if not resume:
             save_config(self.cfg, self.run_dir)
@@ -501,6 +510,8 @@ class Trainer:
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        if hasattr(self, "_lock"):
+            self._lock.close()
 
 
 def train(
@@ -525,8 +536,10 @@ def train(
     own_group = D.init_from_env(device)
     trainer = None
     try:
-        trainer = Trainer(cfg, run_dir, device, resume=resume, overwrite=overwrite, splits=splits, hooks=hooks, log=log)
-        return trainer.fit(progress)
+        with ExitStack() as locks:
+            trainer = Trainer(cfg, run_dir, device, resume=resume, overwrite=overwrite, splits=splits, hooks=hooks,
+                              log=log, locks=locks)  # fmt: skip
+            return trainer.fit(progress)
     finally:
         if trainer is not None:
             trainer.close()

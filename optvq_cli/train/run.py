@@ -21,6 +21,7 @@ import torch
 
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import atomic_write, atomic_write_text, write_safetensors
+from optvq_cli.core.lock import LOCK_NAME
 from optvq_cli.model import save_model
 from optvq_cli.train.config import CONFIG_FILE
 
@@ -62,7 +63,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: is a file; give a folder for the run")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+    if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not overwrite:
         raise UserError(
             f"--out {run_dir} is not empty: continue it with --resume {run_dir}, or pass --overwrite to start over"
         )
