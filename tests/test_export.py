@@ -164,6 +164,9 @@ def test_info_text_and_json(tiny_dir):
     assert r.exit_code == 0, r.output
     assert "f = 4" in r.output and "64x32 -> 2 heads x 16 x 8 = 256 tokens" in r.output
     assert sha(tiny_dir / "model.safetensors") in r.output
+    lines = dict(line.split("  ", 1) for line in r.output.splitlines())  # key, padding, value
+    assert lines["source"].strip() == str(tiny_dir.resolve()) and lines["metrics"].strip() == "{'rFID': 1.23}"
+    assert lines["weights dtype"].strip() == "fp32"  # the provenance the help promises
     r = invoke("info", tiny_dir, "--json")
     d = json.loads(r.output)
     model = load_model(tiny_dir, device="cpu")

@@ -290,9 +290,9 @@ def _info(model: str, size: str | None, revision: str | None, device: str, as_js
     ]
     if m.ignored_keys:
         rows.append(("ignored", f"{len(m.ignored_keys)} tensors in the file the model does not use"))
-    for key in ("converted_from", "exported_from", "checkpoint_format"):
-        if key in m.metadata:
-            rows.append((key.replace("_", " "), str(m.metadata[key])))
+    # provenance: where the file was found, how it stores its weights, and all it says of its making
+    rows += [("source", m.source or "-"), ("weights dtype", m.weights_dtype)]
+    rows += [(key.replace("_", " "), str(value)) for key, value in m.metadata.items()]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         typer.echo(f"{k:<{width}}  {v}")
