@@ -702,3 +702,42 @@ def test_a_bare_name_that_is_a_folder_and_a_bundled_model_is_refused(tiny_dir, t
     with pytest.raises(UserError) as e:
         load_model("bundled:nothing-of-that-name", device="cpu")
     one_line_error(e, "bundled:nothing-of-that-name", "no such bundled model", "default")
+
+
+def _their_tokens(model, tensors, x: torch.Tensor) -> torch.Tensor:
+    """The authors' assignment of a batch, from the raw tensors: one pool of every head chunk of
+    every position of every image, the plain Sinkhorn against proj(embedding)."""
+    with torch.no_grad():
+        z = F.conv2d(model.encoder(x), tensors["model.quant_conv.weight"], tensors["model.quant_conv.bias"])
+    codes = tensors["model.quantize.embedding.weight"] @ tensors["model.quantize.proj.weight"].t()
+    codes = codes + tensors["model.quantize.proj.bias"]
+    b, e, hh, ww = z.shape
+    d = e // 2
+    pool = z.permute(0, 2, 3, 1).reshape(b * hh * ww * 2, d)  # image, row, column, head: their order
+    return sinkhorn_assign_plain(pool, codes, 10.0, 5).reshape(b, hh, ww, 2).permute(0, 3, 1, 2)
+
+
+def test_the_cli_gives_the_authors_tokens(tmp_path):
+    """`optvq encode --assign sinkhorn` over one batch of PNGs: exactly the authors' tokens of the
+    same pixels (the CLI's batch layout must not take another convolution path)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "upstream"
+    tensors = write_upstream_tiny(folder)
+    model = load_model(str(folder), device="cpu")
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    pixels = ((images(3, 16) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p.permute(1, 2, 0).numpy()).save(pngs / f"im{i}.png")
+    x = pixels.float() / 127.5 - 1
+    args = ["encode", str(pngs), str(tmp_path / "tok"), "--model", str(folder), "--assign", "sinkhorn"]
+    res = subprocess.run([sys.executable, "-m", "optvq_cli", *args, "-b", "3", "--size", "16", "-q"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = torch.stack([torch.from_numpy(np.load(tmp_path / "tok" / f"im{i}.npy").astype(np.int64)) for i in range(3)])
+    assert torch.equal(got, _their_tokens(model, tensors, x))
