@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint bench toy demo data clean
+.PHONY: install test test-fast lint bench toy demo data clean
 
 $(BIN)/optvq: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,11 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# The quick loop while editing: every test not marked slow (the full suite above is what CI runs).
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -25,6 +30,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_assign.py
 	$(BIN)/python benchmarks/bench_e2e.py
+	$(BIN)/python benchmarks/bench_extract.py
 
 # The main job: the bundled default model on photographs that ship inside scikit-image.
 DEMO_PHOTOS := astronaut.png chelsea.png coffee.png rocket.jpg motorcycle_left.png retina.jpg

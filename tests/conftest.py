@@ -69,7 +69,7 @@ def invoke():
     return _invoke_cli
 
 
-def _preprocess_reference(path: Path, size: int = 32):
+def preprocess_reference(path: Path, size: int = 32):
     """The model's protocol done independently: EXIF-less RGB on white, centre square of the shorter
     side, resized to size x size with Pillow's bicubic filter; (size, size, 3) uint8."""
     import numpy as np
@@ -85,7 +85,7 @@ def _preprocess_reference(path: Path, size: int = 32):
     return np.array(rgb.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC))
 
 
-@pytest.fixture
-def preprocess_reference():
+@pytest.fixture(name="preprocess_reference")
+def preprocess_reference_fixture():
     """``preprocess_reference(path, size=32)``: what the model should see of an image, by hand."""
-    return _preprocess_reference
+    return preprocess_reference

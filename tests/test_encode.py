@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import preprocess_reference
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -114,19 +115,6 @@ def encode(photos, out, model_dir, *extra) -> tuple[int, str, str]:
     return cli("encode", photos, out, "--model", model_dir, "--device", "cpu", "--workers", "0", *extra)
 
 
-def preprocess_by_hand(path: Path, size: int = 32) -> np.ndarray:
-    """The protocol done independently: EXIF-less RGB on white, centre square of the shorter
-    side, resized to size x size with Pillow's bicubic filter."""
-    with Image.open(path) as im:
-        im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        rgb = Image.alpha_composite(white, im).convert("RGB")
-    w, h = rgb.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return np.array(rgb.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC))
-
-
 def psnr_by_hand(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return 10 * np.log10(255.0**2 / mse)
@@ -173,7 +161,7 @@ def test_tokens_equal_the_model_applied_to_hand_preprocessed_images(photos, tiny
     assert encode(photos, out, tiny_model_dir)[0] == 0
     g = grids(out)
     for _, rel in PHOTOS[:4]:
-        x = torch.from_numpy(preprocess_by_hand(photos / rel)).permute(2, 0, 1).float() / 127.5 - 1
+        x = torch.from_numpy(preprocess_reference(photos / rel)).permute(2, 0, 1).float() / 127.5 - 1
         expected = model.encode_indices(x[None], assign="nearest")[0].numpy()
         assert (g[Path(rel).with_suffix("").as_posix()] == expected).all()
 
@@ -214,7 +202,7 @@ def test_sinkhorn_assignment_works_and_is_marked_batch_dependent(photos, tiny_mo
     assert manifest["batch_size"] == 12
     # one batch of all 12 images: the same as the model's sinkhorn on that batch, in file order
     order = sorted(PHOTOS, key=lambda p: p[1])
-    hand = [preprocess_by_hand(photos / rel) for _, rel in order]
+    hand = [preprocess_reference(photos / rel) for _, rel in order]
     x = torch.from_numpy(np.stack(hand)).permute(0, 3, 1, 2).float() / 127.5 - 1
     expected = model.encode_indices(x, assign="sinkhorn").numpy()
     g = grids(out)
@@ -314,7 +302,7 @@ def test_encode_then_decode_equals_reconstruct_and_psnr_is_right(photos, tiny_mo
         )
         assert a.shape == (32, 32, 3) and (a == b).all()
         src = next(rel for _, rel in PHOTOS if Path(rel).with_suffix(".png").as_posix() == name)
-        values.append(psnr_by_hand(preprocess_by_hand(photos / src), b))
+        values.append(psnr_by_hand(preprocess_reference(photos / src), b))
     assert f"mean PSNR (RGB) {np.mean(values):.2f} dB over 12 images" in stdout
 
 
@@ -331,7 +319,7 @@ def test_side_by_side(photos, tiny_model_dir, tmp_path):
     assert code == 0, stderr
     both = np.asarray(Image.open(tmp_path / "sbs" / "astronaut.png"))
     assert both.shape == (32, 64, 3)
-    assert (both[:, :32] == preprocess_by_hand(photos / "astronaut.png")).all()
+    assert (both[:, :32] == preprocess_reference(photos / "astronaut.png")).all()
     code, stdout, _ = cli(*args, "--device", "cpu", "--workers", "0")
     assert code == 0 and "reconstructed 0 of 1, 1 already done" in stdout
 

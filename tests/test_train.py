@@ -543,6 +543,17 @@ def test_learning_rate_must_be_finite_and_positive(value):
     assert "\n" not in str(e.value)
 
 
+def _assert_eval_agrees(val: dict, folder: Path, tmp_path: Path, images: int) -> None:
+    """`optvq eval` of the run's model on ``folder``, same assignment and batch: the val row's figure."""
+    report = tmp_path / "report.json"
+    args = ["eval", folder, "--model", tmp_path / "run" / "model", "--metrics", "psnr", "--size", "32"]
+    code, err = _cli(*args, "--assign", val["assign"], "--batch-size", val["batch_size"], "--json", report)
+    assert code == 0, err
+    got = json.loads(report.read_text())
+    assert val["images"] == got["count"] == images
+    assert abs(val["psnr_y"] - got["psnr_y"]) < 1e-6
+
+
 def test_validation_psnr_is_evals_psnr(tmp_path):
     """The loop's val row and `optvq eval` of the saved model on the same images, with the same
     assignment and batch (one Sinkhorn pool), agree to 1e-6 dB."""
@@ -555,13 +566,7 @@ def test_validation_psnr_is_evals_psnr(tmp_path):
     folder.mkdir()
     for i, p in enumerate(px[8:]):
         Image.fromarray(p.permute(1, 2, 0).numpy()).save(folder / f"v{i}.png")
-    report = tmp_path / "report.json"
-    args = ["eval", folder, "--model", tmp_path / "run" / "model", "--metrics", "psnr", "--size", "32"]
-    code, err = _cli(*args, "--assign", val["assign"], "--batch-size", "6", "--json", report, "--device", "cpu")
-    assert code == 0, err
-    got = json.loads(report.read_text())
-    assert val["images"] == got["count"] == 6
-    assert abs(val["psnr_y"] - got["psnr_y"]) < 1e-6
+    _assert_eval_agrees(val, folder, tmp_path, images=6)
 
 
 def test_mnist_validation_psnr_is_evals_psnr_on_the_test_digits(tmp_path):
@@ -576,13 +581,7 @@ def test_mnist_validation_psnr_is_evals_psnr_on_the_test_digits(tmp_path):
     for i in range(4):
         digit = torch.frombuffer(bytearray(raw[i * 784 : (i + 1) * 784]), dtype=torch.uint8).reshape(28, 28)
         Image.fromarray(digit.numpy()).save(folder / f"d{i}.png")
-    report = tmp_path / "report.json"
-    args = ["eval", folder, "--model", tmp_path / "run" / "model", "--metrics", "psnr", "--size", "32"]
-    code, err = _cli(*args, "--assign", val["assign"], "--batch-size", "4", "--json", report, "--device", "cpu")
-    assert code == 0, err
-    got = json.loads(report.read_text())
-    assert val["images"] == got["count"] == 4
-    assert abs(val["psnr_y"] - got["psnr_y"]) < 1e-6
+    _assert_eval_agrees(val, folder, tmp_path, images=4)
 
 
 def test_a_second_run_on_a_locked_run_folder_fails_at_once(tmp_path):
