@@ -5,6 +5,8 @@ The `tiny` preset with random weights (build_model("tiny"), 32 px, f4) on synthe
 written to a temporary folder. Each N runs in a fresh child process, so its peak RSS is its own.
 
     python benchmarks/bench_extract.py [--sizes 1000 10000] [--full (adds 50000)] [--workers 1]
+    python benchmarks/bench_extract.py --photos 192   # the bundled default model on real photographs:
+                                                      # --layout shards vs files, TokenDataset reads/s
 """
 
 from __future__ import annotations
@@ -166,6 +168,52 @@ def _gloo_table(n: int, root: Path) -> None:
         print(f"| {procs} | {walls[procs]:.1f} s | {'yes' if same else 'NO'} |")
 
 
+def _write_photos(folder: Path, n: int) -> None:
+    """n 320 x 320 JPEG crops of the photographs scikit-image ships, at shifting positions."""
+    import skimage
+    from PIL import Image
+
+    names = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+    photos = [Image.open(Path(skimage.__file__).parent / "data" / m).convert("RGB") for m in names]
+    folder.mkdir(parents=True)
+    for i in range(n):
+        im = photos[i % len(photos)]
+        k = i // len(photos)
+        side = min(im.size) * 3 // 4
+        left, top = (k * 29) % (im.width - side), (k * 41) % (im.height - side)
+        im.crop((left, top, left + side, top + side)).resize((320, 320)).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def _photo_table(n: int, root: Path, workers: int) -> None:
+    """The default model at 256 px: files layout vs shards layout, same images, same batch."""
+    import torch
+
+    from optvq_cli.model import load_model
+    from optvq_cli.tokenize.dataset import TokenDataset
+    from optvq_cli.tokenize.encode_job import encode
+    from optvq_cli.tokenize.extract import encode_shards
+
+    _write_photos(root / "photos", n)
+    model = load_model("default", device="cpu")
+    kw = dict(batch_size=16, workers=workers)
+    t0 = time.perf_counter()
+    encode(model, root / "photos", root / "files", model_ref="default", **kw)
+    files_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    encode_shards(model, root / "photos", root / "shards", shard_size=10_000, **kw)
+    shards_s = time.perf_counter() - t0
+    data = TokenDataset(root / "shards")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist() * 50
+    t0 = time.perf_counter()
+    for i in order:
+        data[i]
+    reads = len(order) / (time.perf_counter() - t0)
+    print(f"\nbundled default model, {n} real-photo crops 320 px -> 256 px, batch 16, --workers {workers}\n")
+    print("| layout | images/s | ratio to files |\n|---|---:|---:|")
+    print(f"| files | {n / files_s:.1f} | 1.00 |\n| shards | {n / shards_s:.1f} | {files_s / shards_s:.2f} |")
+    print(f"\nTokenDataset random reads over the shards: {reads:,.0f} rows/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
@@ -174,6 +222,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--shard-size", type=int, default=10_000)
     ap.add_argument("--shards-only", action="store_true", help="only the one-shard read/write table")
+    ap.add_argument("--photos", type=int, metavar="N", help="only the default model on N real photos")
     ap.add_argument("--gloo", type=int, metavar="N", help="only 1 vs 2 torchrun processes on N images")
     ap.add_argument("--rank-run", nargs=2, type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process
@@ -188,6 +237,10 @@ def main() -> None:
     if args.gloo:
         with tempfile.TemporaryDirectory() as tmp:
             _gloo_table(args.gloo, Path(tmp))
+        return
+    if args.photos:
+        with tempfile.TemporaryDirectory() as tmp:
+            _photo_table(args.photos, Path(tmp), args.workers)
         return
     if args.shards_only:
         with tempfile.TemporaryDirectory() as tmp:
