@@ -268,3 +268,99 @@ def test_training_rows_carry_the_gpu_memory_when_there_is_one(monkeypatch):
     w = metrics.Window(4, torch.device("cpu"), 0)
     w.add_terms({"loss": torch.tensor(1.0)})
     assert w.flush(1, 10, 1e-3, 0)["gpu_mem_gb"] == 1.235
+
+
+# ---------------------------------------------------------------- on a CUDA GPU (pytest -m cuda)
+
+
+def on_cuda(fn):
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn))
+
+
+def _near_ties(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor, rel: float) -> bool:
+    """Where two assignments differ, the two chosen entries of ``score`` (per row) are within ``rel``."""
+    rows = (a != b).nonzero().flatten()
+    sa, sb = score[rows, a[rows]], score[rows, b[rows]]
+    return bool(((sa - sb).abs() <= rel * torch.maximum(sa.abs(), sb.abs()).clamp_min(1e-30)).all())
+
+
+@on_cuda
+def test_cuda_nearest_and_sinkhorn_pick_the_cpus_codes():
+    from optvq_cli.quant.assign import nearest_assign, sinkhorn_assign, sinkhorn_plans
+
+    g = torch.Generator().manual_seed(0)
+    x, codes = torch.randn(4096, 64, generator=g), torch.randn(1024, 64, generator=g)
+    xc, cc = x.cuda(), codes.cuda()
+    with G.no_tf32():
+        near = (nearest_assign(x, codes), nearest_assign(xc, cc).cpu())
+        dense = (sinkhorn_assign(x, codes), sinkhorn_assign(xc, cc).cpu())
+        stream = sinkhorn_assign(xc, cc, chunk_size=128).cpu()
+    assert (near[0] == near[1]).float().mean() >= 0.999
+    assert _near_ties(near[0], near[1], -torch.cdist(x.double(), codes.double()), 1e-5)
+    *_, plan = sinkhorn_plans(x.double(), codes.double(), 10.0, 5)
+    for got in (dense[1], stream):
+        assert (got == dense[0]).float().mean() >= 0.999
+        assert _near_ties(dense[0], got, plan, 1e-3)
+
+
+@on_cuda
+def test_cuda_bf16_encode_tokens_agree_with_fp32():
+    model = load_model("default", device="cuda")
+    x = (torch.from_numpy(photo_crops(32, 64)).float() / 127.5 - 1).cuda()
+    with G.no_tf32():
+        fp32 = model.encode_indices(x)
+        model.compute_dtype = torch.bfloat16
+        bf16 = model.encode_indices(x)
+    share = float((fp32 == bf16).float().mean())
+    print(f"bf16 vs fp32 token agreement on CUDA: {share:.4f}")
+    assert share >= 0.9  # 0.967 on the CPU's bf16 for the same images
+
+
+def _cuda_run(tmp_path: Path, lpips_file: Path, name: str, **sets) -> Trainer:
+    full = {"loss.perceptual": "3", "loss.gan": "1", "loss.disc_start": "0", "loss.disc_layers": "2"}
+    cfg = _cfg(
+        device="cuda", ckpt_every="2", **full, **{"loss.lpips_weights": str(lpips_file), "data.size": "32"}, **sets
+    )
+    t = Trainer(cfg, tmp_path / name, torch.device("cuda", 0), splits=_splits(size=32), **QUIET)
+    t.fit()
+    t.close()
+    return t
+
+
+@on_cuda
+def test_cuda_two_steps_of_tiny_vqgan_with_the_full_recipe(tmp_path, lpips_file):
+    import json
+
+    t = _cuda_run(tmp_path, lpips_file, "run")
+    assert t.model.compute_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)  # amp=auto
+    rows = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r.get("split") == "train"]
+    assert len(train_rows) == 2 and all(math.isfinite(r["loss"]) and r["gpu_mem_gb"] > 0 for r in train_rows)
+    assert {"perceptual", "gan", "disc"} <= set(train_rows[0])
+
+
+@on_cuda
+def test_cuda_compiled_channels_last_checkpointed_steps_match_plain(tmp_path, lpips_file):
+    plain = _cuda_run(tmp_path, lpips_file, "plain", amp="fp32")
+    fast = _cuda_run(
+        tmp_path, lpips_file, "fast", amp="fp32", compile="true", channels_last="true", checkpointing="true"
+    )
+    for (k, a), b in zip(plain.model.state_dict().items(), fast.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-4), k  # TF32 on in both
+
+
+@on_cuda
+def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(tmp_path, lpips_file):
+    from optvq_cli.train.run import list_checkpoints, read_checkpoint
+
+    t = _cuda_run(tmp_path, lpips_file, "run")
+    cpu = load_model(tmp_path / "run" / "model", device="cpu")
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(cpu.state_dict()[k], v.cpu()), k
+    step, path = list_checkpoints(tmp_path / "run")[-1]
+    ck = read_checkpoint(path)
+    assert step == 2 and all(v.device.type == "cpu" for v in ck["model"].values())
+    x = torch.from_numpy(photo_crops(8, 32)).float() / 127.5 - 1
+    with G.no_tf32():
+        on_gpu = t.model.eval().encode_indices(x.cuda()).cpu()
+    assert (cpu.encode_indices(x) == on_gpu).float().mean() >= 0.99
