@@ -340,16 +340,6 @@ def test_cuda_two_steps_of_tiny_vqgan_with_the_full_recipe(tmp_path, lpips_file)
 
 
 @on_cuda
-def test_cuda_compiled_channels_last_checkpointed_steps_match_plain(tmp_path, lpips_file):
-    plain = _cuda_run(tmp_path, lpips_file, "plain", amp="fp32")
-    fast = _cuda_run(
-        tmp_path, lpips_file, "fast", amp="fp32", compile="true", channels_last="true", checkpointing="true"
-    )
-    for (k, a), b in zip(plain.model.state_dict().items(), fast.model.state_dict().values(), strict=True):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-4), k  # TF32 on in both
-
-
-@on_cuda
 def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(tmp_path, lpips_file):
     from optvq_cli.train.run import list_checkpoints, read_checkpoint
 
@@ -364,3 +354,46 @@ def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(tmp_path, lpips_file):
     with G.no_tf32():
         on_gpu = t.model.eval().encode_indices(x.cuda()).cpu()
     assert (cpu.encode_indices(x) == on_gpu).float().mean() >= 0.99
+
+
+@on_cuda
+def test_cuda_compiled_channels_last_checkpointed_steps_match_plain(tmp_path, lpips_file):
+    plain = _cuda_run(tmp_path, lpips_file, "plain", amp="fp32")
+    fast = _cuda_run(
+        tmp_path, lpips_file, "fast", amp="fp32", compile="true", channels_last="true", checkpointing="true"
+    )
+    for (k, a), b in zip(plain.model.state_dict().items(), fast.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-4), (
+            k
+        )  # TF32 on in both  # last: the slowest (inductor)
+
+
+# ---------------------------------------------------------------- the prepared GPU check, on the CPU
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_quick_on_the_cpu(tmp_path):
+    """`benchmarks/bench_gpu.py --device cpu --quick`: every section runs and reports numbers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--quick"]
+    p = subprocess.run(cmd + ["--out", str(tmp_path), "--workers", "1"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert r["tests"]["status"] == "ok" and r["tests"]["counts"]["skipped"] == 5  # no CUDA here
+    assert r["assign"]["shape"] == [512, 1024, 32]
+    assert r["assign"]["dense"]["agreement_with_plain"] == r["assign"]["stream"]["agreement_with_plain"] == 1.0
+    for name in ("default", "imagenet-f16-h4"):
+        assert set(r["encode"][name]) == {"fp32", "bf16", "bf16+channels_last", "bf16+compile", "loader_bf16"}
+        assert r["encode"][name]["fp32"]["agreement_with_fp32"] == 1.0
+        assert all(v["images_per_s"] > 0 for v in r["encode"][name].values())
+        assert 0 <= r["encode"][name]["loader_bf16"]["data_wait_share"] < 1
+    for v in r["train"].values():
+        assert v["steps_per_s"] > 0 and 0 < v["sinkhorn_share"] < 1 and v["peak_mem_gb"] is None
+    md = (tmp_path / "bench_gpu.md").read_text()
+    assert "| train imagenet-f16-h4 |" in md and "| encode at 32 px |" in md

@@ -243,8 +243,16 @@ class Trainer:
             f"model: {cfg.preset} ({self.model.param_counts()['total'] / 1e6:.2f} M parameters), quantizer "
             f"{cfg.quantizer.method} ({m.assign}, {m.heads} head(s), n={m.n_codes}); {self.world} process(es) on "
             f"{self.device}; batch {cfg.batch_size} = {plan.micro} x {self.world} x {cfg.optim.grad_accum}; "
-            f"lr {learning_rate(cfg):.3g}; {self.total} steps ({plan.steps_per_epoch} per epoch)"
+            f"lr {learning_rate(cfg):.3g}; {self.total} steps ({plan.steps_per_epoch} per epoch); {self._speed()}"
         )
+
+    def _speed(self) -> str:
+        cfg, dtype = self.cfg, self.model.compute_dtype
+        parts = [G.DTYPE_NAMES.get(dtype, "fp32") if dtype is not None else "fp32"]
+        if self.device.type == "cuda":
+            parts.append("tf32" if cfg.tf32 else "no tf32")
+        parts += ["channels-last"] * cfg.channels_last + [f"compiled ({cfg.compile_backend})"] * cfg.compile
+        return " + ".join(parts + ["checkpointing"] * cfg.checkpointing)
 
     # -- resume and save -------------------------------------------------------------------------
 
