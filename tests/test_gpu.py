@@ -243,10 +243,16 @@ def test_checkpointing_gives_the_same_loss_and_gradients_and_recomputes():
         assert len(calls) == plain_calls
 
 
-def test_checkpointing_config_key(tmp_path):
-    t = _trainer(tmp_path, _cfg(amp="fp32", checkpointing="true"))
+@pytest.mark.slow
+def test_checkpointing_config_key_trains_the_full_recipe(tmp_path, lpips_file):
+    full = {"loss.perceptual": "3", "loss.gan": "1", "loss.disc_start": "0", "loss.disc_layers": "2"}
+    cfg = _cfg(amp="fp32", checkpointing="true", **full, **{"loss.lpips_weights": str(lpips_file), "data.size": "32"})
+    got: list = []
+    t = _trainer(tmp_path, cfg, losses=got)
     assert t.model.encoder.checkpointing and t.model.decoder.checkpointing
+    t.fit()  # the adaptive weight's extra backward passes go through the recomputed blocks too
     t.close()
+    assert len(got) == 2 and all(math.isfinite(v) for terms in got for v in terms.values()) and "gan" in got[0]
     with pytest.raises(UserError, match="checkpointing applies to the VQGAN presets"):
         _cfg("tiny", checkpointing="true")
 
