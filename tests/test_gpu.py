@@ -337,7 +337,9 @@ def _cuda_run(tmp_path: Path, lpips_file: Path, name: str, **sets) -> Trainer:
 def test_cuda_two_steps_of_tiny_vqgan_with_the_full_recipe(tmp_path, lpips_file):
     import json
 
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     t = _cuda_run(tmp_path, lpips_file, "run")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before  # restored
     assert t.model.compute_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)  # amp=auto
     rows = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r.get("split") == "train"]

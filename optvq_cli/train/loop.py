@@ -163,7 +163,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)  # the same initial weights in every process
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-            G.set_tf32(self.cfg.tf32)  # the policy: core.device
+            self._tf32_before = G.set_tf32(self.cfg.tf32)  # the policy: core.device; close() restores
 
     def _open_data(self) -> Splits:
         d, channels = self.cfg.data, self.mcfg.in_channels
@@ -522,6 +522,9 @@ class Trainer:
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        if getattr(self, "_tf32_before", None) is not None:  # encoding in this process keeps full fp32
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32_before
+            self._tf32_before = None
 
 
 def train(
