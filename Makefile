@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-fast lint bench toy demo data clean
+.PHONY: install test test-fast lint bench bench-gpu toy demo data clean
 
 $(BIN)/optvq: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,14 @@ bench: install
 	$(BIN)/python benchmarks/bench_e2e.py
 	$(BIN)/python benchmarks/bench_extract.py
 
+# The GPU check (about 6 minutes on one GPU): pytest -m cuda, assignment, encode and train figures into
+# bench-gpu-out/ (bench_gpu.json, bench_gpu.md). Without the venv (a lent GPU machine): BENCH_PY=python3.
+BENCH_PY ?= $(BIN)/python
+BENCH_DEVICE ?= cuda
+BENCH_OUT ?= bench-gpu-out
+bench-gpu:
+	PYTHONPATH=$(CURDIR) $(BENCH_PY) benchmarks/bench_gpu.py --device $(BENCH_DEVICE) --out $(BENCH_OUT)
+
 # The main job: the bundled default model on photographs that ship inside scikit-image.
 DEMO_PHOTOS := astronaut.png chelsea.png coffee.png rocket.jpg motorcycle_left.png retina.jpg
 demo: install
@@ -50,4 +58,4 @@ data: install
 	PYTHON=$(BIN)/python scripts/fetch_data.sh .data
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache toy-out demo-out
+	rm -rf $(VENV) .pytest_cache .ruff_cache toy-out demo-out bench-gpu-out

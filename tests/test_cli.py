@@ -93,3 +93,21 @@ def test_a_batch_too_large_for_memory_is_one_line_before_it_runs(tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: a batch of 1 image(s) of 12000x12000 needs about") and "--size" in last
+
+
+def test_encode_compile_compiles_the_encoder(tmp_path, tiny_model_dir, monkeypatch):
+    """--compile hands the loaded model's encoder to core.device.compile_module (compiling itself is
+    tested in test_gpu; inductor on a CPU takes minutes)."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from optvq_cli.cli import app
+    from optvq_cli.core import device
+
+    seen = []
+    monkeypatch.setattr(device, "compile_module", lambda module, enabled, backend="inductor": seen.append(module))
+    Image.new("RGB", (40, 32), (10, 20, 30)).save(tmp_path / "a.png")
+    args = ["encode", str(tmp_path / "a.png"), str(tmp_path / "t"), "--model", str(tiny_model_dir), "--compile", "-q"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert len(seen) == 1 and type(seen[0]).__name__.endswith("Encoder")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 GROUPS = 32
@@ -27,6 +28,23 @@ def group_norm(channels: int) -> nn.GroupNorm:
     if channels % GROUPS:
         raise ValueError(f"GroupNorm with {GROUPS} groups needs channels divisible by {GROUPS}, got {channels}")
     return nn.GroupNorm(GROUPS, channels, eps=NORM_EPS, affine=True)
+
+
+def run_block(module: nn.Module, h: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """``module(h)``; with ``checkpointing`` while gradients are on, the module's activations are
+    recomputed in the backward pass instead of kept (memory for compute; same values and gradients)."""
+    if checkpointing and torch.is_grad_enabled() and h.requires_grad:
+        return torch.utils.checkpoint.checkpoint(module, h, use_reentrant=False)
+    return module(h)
+
+
+def set_checkpointing(module: nn.Module, enabled: bool) -> int:
+    """Gradient checkpointing of every VQGAN encoder / decoder inside ``module``, block by block;
+    returns how many it switched (0: no VQGAN part)."""
+    parts = [m for m in module.modules() if isinstance(m, (Encoder, Decoder))]
+    for part in parts:
+        part.checkpointing = enabled
+    return len(parts)
 
 
 def conv3(cin: int, cout: int) -> nn.Conv2d:
@@ -113,11 +131,11 @@ class _Level(nn.Module):
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attns)
 
-    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, h: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
         for i, block in enumerate(self.block):
-            h = block(h)
+            h = run_block(block, h, checkpointing)
             if len(self.attn) > 0:
-                h = self.attn[i](h)
+                h = run_block(self.attn[i], h, checkpointing)
         return h
 
 
@@ -128,8 +146,10 @@ class _Mid(nn.Module):
         self.attn_1 = AttnBlock(channels)
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
+    def forward(self, h: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+        for part in (self.block_1, self.attn_1, self.block_2):
+            h = run_block(part, h, checkpointing)
+        return h
 
 
 class Encoder(nn.Module):
@@ -168,14 +188,15 @@ class Encoder(nn.Module):
         self.mid = _Mid(widths[-1], dropout)
         self.norm_out = group_norm(widths[-1])
         self.conv_out = conv3(widths[-1], z_channels)
+        self.checkpointing = False  # see set_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            h = level.run_blocks(h)
+            h = level.run_blocks(h, self.checkpointing)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = self.mid(h)
+        h = self.mid(h, self.checkpointing)
         return self.conv_out(swish(self.norm_out(h)))
 
 
@@ -217,11 +238,12 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(cin)
         self.conv_out = conv3(cin, out_channels)
+        self.checkpointing = False  # see set_checkpointing
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self.mid(self.conv_in(z), self.checkpointing)
         for level in reversed(self.up):
-            h = level.run_blocks(h)
+            h = level.run_blocks(h, self.checkpointing)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(swish(self.norm_out(h)))

@@ -744,6 +744,27 @@ def _encode(model: Any, input: Path, output: Path, opts: dict, progress: Any, on
     return summary
 
 
+def _work_left(output: Path, mine: list[_Plan], inp: _Inputs, retry_failed: bool, summary: ShardSummary):
+    """The shards still to encode (with ``retry_failed``, the failed images of finished ones, and
+    those shards' earlier failures); finished shards are counted as skipped in ``summary``."""
+    work, old_failures = [], {}
+    for plan in mine:
+        state = _shard_state(output, plan)
+        if state is None:
+            work.append(_Work(plan, list(range(plan.start, plan.stop))))
+            continue
+        failed = {p for p, _ in state["failures"]}
+        if retry_failed and failed:
+            base = Shard(output / plan.file).read_all()
+            work.append(_Work(plan, [i for i in range(plan.start, plan.stop) if inp.rels[i] in failed], base))
+            old_failures[plan.index] = state["failures"]
+            summary.skipped += plan.stop - plan.start - len(failed)
+        else:
+            summary.skipped += plan.stop - plan.start
+            summary.shards_skipped += 1
+    return work, old_failures
+
+
 def _encode_mine(
     model: Any,
     output: Path,
@@ -757,23 +778,9 @@ def _encode_mine(
 ) -> None:
     """This rank's shards (r, r + W, ...): the missing ones encoded, the finished ones skipped."""
     views = opts["views"]
-    work, old_failures = [], {}
     mine = plans[dist.rank() :: dist.world_size()]
     total = sum(p.stop - p.start for p in mine)
-    for plan in mine:
-        state = _shard_state(output, plan)
-        if state is None:
-            work.append(_Work(plan, list(range(plan.start, plan.stop))))
-            continue
-        failed = {p for p, _ in state["failures"]}
-        if opts["retry_failed"] and failed:
-            base = Shard(output / plan.file).read_all()
-            work.append(_Work(plan, [i for i in range(plan.start, plan.stop) if inp.rels[i] in failed], base))
-            old_failures[plan.index] = state["failures"]
-            summary.skipped += plan.stop - plan.start - len(failed)
-        else:
-            summary.skipped += plan.stop - plan.start
-            summary.shards_skipped += 1
+    work, old_failures = _work_left(output, mine, inp, opts["retry_failed"], summary)
     done = summary.skipped
     if progress:
         progress(done, total, summary.skipped, "")

@@ -111,7 +111,12 @@ class TrainConfig:
     batch_size: Count = 64  # global: all processes and accumulation micro-batches of one step
     seed: Steps = 42
     device: str = "auto"
-    amp: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU that has it
+    amp: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU that has it (model, LPIPS, discriminator)
+    tf32: bool = True  # CUDA: TF32 convolutions and matmuls in training (the CPU has none)
+    channels_last: bool = False  # convolutions in channels-last memory format
+    compile: bool = False  # torch.compile the encoder and decoder (the first steps pay the compilation)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # aot_eager / eager: no codegen
+    checkpointing: bool = False  # VQGAN presets: recompute block activations in backward (memory for time)
     ema: Beta = 0.0  # decay of an exponential moving average of the weights; 0: none
     log_every: Count = 50
     val_every: Steps = 1000  # 0: validate at the end only
@@ -320,6 +325,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.data.size % mcfg.downsample:
         raise UserError(
             f"data.size {cfg.data.size} is not a multiple of the model's downsampling factor {mcfg.downsample}"
+        )
+    if cfg.checkpointing and mcfg.arch != "vqgan":
+        raise UserError(
+            f"checkpointing applies to the VQGAN presets; {cfg.preset} is {mcfg.arch}: set checkpointing=false"
         )
     layers = cfg.loss.disc_layers
     if cfg.loss.gan > 0 and cfg.data.size // 2**layers < 3:

@@ -33,10 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from optvq_cli.core import device as G
 from optvq_cli.core import dist as D
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.lock import folder_lock
 from optvq_cli.model import OptVQModel, build_model, save_model
+from optvq_cli.model.vqgan import set_checkpointing
 from optvq_cli.train import run as R
 from optvq_cli.train.codebook import init_codebook
 from optvq_cli.train.config import TrainConfig, check_config, learning_rate, save_config
@@ -133,9 +135,10 @@ class Trainer:
         if resume and self.main:
             self._lock.enter_context(folder_lock(run_dir))
         self._seed()
-        self.model = build_model(cfg.preset, **cfg.model).to(device).train()
+        self.model = G.channels_last(build_model(cfg.preset, **cfg.model).to(device).train(), cfg.channels_last)
         self.mcfg = self.model.config
         self.model.compute_dtype = amp_dtype(cfg.amp, device)
+        set_checkpointing(self.model, cfg.checkpointing)
         self.splits = splits if splits is not None else self._open_data()
         self.plan = BatchPlan(
             len(self.splits.train), cfg.batch_size, cfg.optim.grad_accum, self.world, self.rank, cfg.seed
@@ -145,6 +148,7 @@ class Trainer:
         self.perceptual, self.disc = self._losses()
         self._optimizers()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema > 0 else None
+        self._compile()  # after the copy: the average runs uncompiled (validation only)
         self.step = self.skipped = self.bad_in_row = 0
         self.last_saved = -1
         self.val_stats: dict[str, Any] | None = None
@@ -166,8 +170,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)  # the same initial weights in every process
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            self._tf32_before = G.set_tf32(self.cfg.tf32)  # the policy: core.device; close() restores
 
     def _open_data(self) -> Splits:
         d, channels = self.cfg.data, self.mcfg.in_channels
@@ -213,6 +216,10 @@ class Trainer:
         if self.disc is not None:
             self.opt_d, self.sched_d = make_optimizer(param_groups([self.disc], lr, o.weight_decay), o, self.total)
 
+    def _compile(self) -> None:
+        for part in (self.model.encoder, self.model.decoder):
+            G.compile_module(part, self.cfg.compile, self.cfg.compile_backend)
+
     def _write_run_dir(self, resume: bool) -> None:
         if not resume:
             self._lock.enter_context(folder_lock(self.run_dir))  # creates the folder, now that start-up worked
@@ -245,8 +252,16 @@ class Trainer:
             f"model: {cfg.preset} ({self.model.param_counts()['total'] / 1e6:.2f} M parameters), quantizer "
             f"{cfg.quantizer.method} ({m.assign}, {m.heads} head(s), n={m.n_codes}); {self.world} process(es) on "
             f"{self.device}; batch {cfg.batch_size} = {plan.micro} x {self.world} x {cfg.optim.grad_accum}; "
-            f"lr {learning_rate(cfg):.3g}; {self.total} steps ({plan.steps_per_epoch} per epoch)"
+            f"lr {learning_rate(cfg):.3g}; {self.total} steps ({plan.steps_per_epoch} per epoch); {self._speed()}"
         )
+
+    def _speed(self) -> str:
+        cfg, dtype = self.cfg, self.model.compute_dtype
+        parts = [G.DTYPE_NAMES.get(dtype, "fp32") if dtype is not None else "fp32"]
+        if self.device.type == "cuda":
+            parts.append("tf32" if cfg.tf32 else "no tf32")
+        parts += ["channels-last"] * cfg.channels_last + [f"compiled ({cfg.compile_backend})"] * cfg.compile
+        return " + ".join(parts + ["checkpointing"] * cfg.checkpointing)
 
     # -- resume and save -------------------------------------------------------------------------
 
@@ -353,6 +368,10 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------
 
+    def _amp(self):
+        """The model's autocast for the perceptual network and the discriminator (their losses: fp32)."""
+        return G.autocast(self.device, self.model.compute_dtype)
+
     def _losses_of(self, x: torch.Tensor, disc_on: bool):
         """(loss terms, reconstruction, indices) of one micro-batch."""
         cfg = self.cfg.loss
@@ -360,12 +379,14 @@ class Trainer:
         terms = {"l1": l1_loss(x, rec), "l2": l2_loss(x, rec), "quantizer": q_loss.float()}
         rec_loss = cfg.l1 * terms["l1"] + cfg.l2 * terms["l2"]
         if self.perceptual is not None:
-            terms["perceptual"] = self.perceptual(x, rec)
+            with self._amp():
+                terms["perceptual"] = self.perceptual(x, rec).float()
             rec_loss = rec_loss + cfg.perceptual * terms["perceptual"]
         loss = rec_loss + cfg.quantizer * terms["quantizer"]
         if disc_on:
             self.disc.requires_grad_(False)
-            terms["gan"] = generator_loss(self.disc(rec.float()))
+            with self._amp():
+                terms["gan"] = generator_loss(self.disc(rec.float()).float())
             terms["gan_weight"] = adaptive_weight(rec_loss, terms["gan"], last_layer(self.model), cfg.max_gan_weight)
             loss = loss + cfg.gan * terms["gan_weight"] * terms["gan"]
             self.disc.requires_grad_(True)
@@ -374,7 +395,9 @@ class Trainer:
 
     def _disc_step(self, x: torch.Tensor, rec: torch.Tensor, sync: bool, accum: int) -> torch.Tensor:
         with nullcontext() if sync else self.dnet.no_sync():
-            loss = hinge_d_loss(self.dnet(x.detach().float()), self.dnet(rec.detach().float()))
+            with self._amp():
+                real, fake = self.dnet(x.detach().float()), self.dnet(rec.detach().float())
+            loss = hinge_d_loss(real.float(), fake.float())
             (self.cfg.loss.disc * loss / accum).backward()
         return loss
 
@@ -386,7 +409,7 @@ class Trainer:
         step_terms: dict[str, torch.Tensor] = {}
         step_indices: list[torch.Tensor] = []
         for a in range(accum):
-            x = next(batches).to(self.device, non_blocking=True)
+            x = G.to_device(next(batches), self.device, self.cfg.channels_last)
             sync = a == accum - 1 or self.world == 1
             with nullcontext() if sync else self.net.no_sync():
                 terms, rec, indices = self._losses_of(x, disc_on)
@@ -449,6 +472,8 @@ class Trainer:
             f"loss {row.get('loss', float('nan')):.4f}  psnr_y {psnr}  usage {row['codebook_usage']:.1%}  "
             f"{row['steps_per_s']:.2f} steps/s"
         )
+        if "gpu_mem_gb" in row:  # CUDA: the peak of the fullest process
+            text += f"  {row['gpu_mem_gb']:.1f} GB"
         if progress is not None:
             progress(self.step, self.total, start, text)
         else:
@@ -459,7 +484,7 @@ class Trainer:
         cfg, start = self.cfg, self.step
         progress = progress if self.main else None
         batches = iter(make_loader(self.splits.train, StepBatches(self.plan, self.step, self.total), self.workers,
-                                   self.device.type == "cuda"))  # fmt: skip
+                                   G.pin_memory_for(self.device)))  # fmt: skip
         with _Stop() as stop:
             while self.step < self.total:
                 self._zero_grad()
@@ -512,6 +537,9 @@ class Trainer:
             self.metrics.close()
         if hasattr(self, "_lock"):
             self._lock.close()
+        if getattr(self, "_tf32_before", None) is not None:  # encoding in this process keeps full fp32
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32_before
+            self._tf32_before = None
 
 
 def train(

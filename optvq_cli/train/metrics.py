@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from optvq_cli.core import dist as D
+from optvq_cli.core.device import peak_memory_gb, pin_memory_for
 from optvq_cli.core.fileio import atomic_write
 from optvq_cli.eval.metrics import perplexity, psnr, usage_fraction
 from optvq_cli.model import OptVQModel
@@ -47,7 +48,8 @@ def validate(model: OptVQModel, dataset, batch: int, device: torch.device, worke
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     counts = torch.zeros(n_codes, dtype=torch.long, device=device)
     shown = None
-    for x in make_loader(dataset, val_batches(len(dataset), batch, D.world_size(), D.rank()), workers):
+    batches = val_batches(len(dataset), batch, D.world_size(), D.rank())
+    for x in make_loader(dataset, batches, workers, pin_memory_for(device)):
         x = x.to(device, non_blocking=True)
         z_q, _, idx = model.encode(x, assign=model.config.assign)
         rec = model.decode(z_q).clamp(-1, 1)
@@ -129,6 +131,9 @@ class Window:
             "steps_per_s": (step - self.last_step) / max(now - self.t0, 1e-9),
             "skipped": skipped,
         }
+        mem = peak_memory_gb(self.device)
+        if mem is not None:  # CUDA: the largest per-process peak since the last row
+            row["gpu_mem_gb"] = round(D.all_reduce_max(torch.tensor([mem], device=self.device)).item(), 3)
         self.reset()
         self.t0, self.last_step = now, step
         return row
