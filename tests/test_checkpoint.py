@@ -627,6 +627,7 @@ def test_push_to_hub_uploads_the_saved_folder(tiny_dir, monkeypatch):
     assert calls == [("create", "me/optvq-tiny", True, "model"), ("upload", "me/optvq-tiny", files, model.sha256)]
 
 
+@pytest.mark.slow
 def test_checkpoint_files_are_read_without_the_model_code():
     import subprocess
     import sys

@@ -630,6 +630,7 @@ def test_reconstruct_does_not_take_over_files_it_did_not_write(photos, tiny_mode
     assert tree(out) == {"camera.png": b"my own picture"}
 
 
+@pytest.mark.slow
 def test_encode_overwrite_leaves_the_folder_as_a_fresh_run_would(photos, tiny_model_dir, other_model_dir, tmp_path):
     for layout in ([], ["--pack"]):
         assert encode(photos, tmp_path / f"fresh{layout}", tiny_model_dir, *layout)[0] == 0

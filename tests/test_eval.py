@@ -339,6 +339,7 @@ def test_bad_input_is_one_line(photos, tmp_path, tiny_model_dir, invoke):
     assert code == 1 and "x.png" in text and "cannot read" in text
 
 
+@pytest.mark.slow
 def test_cli_error_has_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "optvq_cli", "eval", str(tmp_path), "--against", str(tmp_path / "missing")],

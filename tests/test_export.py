@@ -350,6 +350,7 @@ def test_model_help_names_safetensors_files():
         assert r.exit_code == 0 and ".safetensors file" in " ".join(r.output.split())
 
 
+@pytest.mark.slow
 def test_cli_refuses_nan_weights_and_ambiguous_names(tiny_dir, tmp_path):
     import subprocess
     import sys

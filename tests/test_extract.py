@@ -432,6 +432,7 @@ def test_tokens_info_names_the_labels_and_failures(tmp_path, model):
     assert "views: center, flip" in res.stdout and "failures: 1" in res.stdout
 
 
+@pytest.mark.slow
 def test_optvq_encode_layout_shards_through_the_cli(tmp_path, model_dir):
     """`optvq encode --layout shards` writes shards that `tokens verify` accepts and TokenDataset reads
     with the class-folder labels and one row per view; a rerun has nothing left to do."""

@@ -91,6 +91,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "optvq_cli", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_tokens_info_and_verify_ok(sharded):
     info = _cli("tokens", "info", str(sharded), "--json")
     assert info.returncode == 0, info.stderr
@@ -100,6 +101,7 @@ def test_tokens_info_and_verify_ok(sharded):
     assert ok.returncode == 0 and "10 rows" in ok.stdout
 
 
+@pytest.mark.slow
 def test_verify_catches_a_truncated_shard(sharded):
     path = sharded / shard_name(1)
     path.write_bytes(path.read_bytes()[:-40])
@@ -115,6 +117,7 @@ def test_verify_catches_an_index_outside_the_codebook(sharded):
     assert res.returncode == 1 and "outside 0..16999" in res.stderr
 
 
+@pytest.mark.slow
 def test_verify_catches_a_row_count_other_than_the_index(sharded):
     index = json.loads((sharded / "manifest.json").read_text())
     index["shards"][0]["rows"] = 7
@@ -123,6 +126,7 @@ def test_verify_catches_a_row_count_other_than_the_index(sharded):
     assert res.returncode == 1 and "6 rows, the index says 7" in res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["files", "packed"])
 def test_dataset_over_files_and_packed_outputs(tmp_path, tiny_model_dir, layout):
     images = tmp_path / "images"

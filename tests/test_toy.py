@@ -171,6 +171,7 @@ def test_cli_writes_figures_prints_usage_and_refuses_overwrite(tmp_path):
     assert (out / "fig6_toy.png").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_cli_gif_and_overwrite(tmp_path):
     out = tmp_path / "o"
     args = ["toy", "--out", str(out), "--steps", "5", "--seed", "1", "--gif"]

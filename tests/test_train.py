@@ -234,6 +234,7 @@ def _decreases(run_dir: Path) -> None:
     assert all(0 < x["codebook_usage"] <= 1 for x in r)
 
 
+@pytest.mark.slow
 def test_mnist_preset(tmp_path):
     data = write_mnist_dir(tmp_path / "mnist")
     cfg = quick("mnist", data, 10, batch_size=8, optim__lr=5e-3)
@@ -247,6 +248,7 @@ def test_mnist_preset(tmp_path):
     assert (tmp_path / "run" / "samples" / "step-00000010.png").is_file()
 
 
+@pytest.mark.slow
 def test_cifar10_preset(tmp_path):
     data = write_cifar_dir(tmp_path / "cifar")
     train(quick("cifar10", data, 10, batch_size=8, optim__lr=5e-3), tmp_path / "run", **QUIET)
@@ -269,6 +271,7 @@ def lpips_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-vqgan", "imagenet-f16-h4"])
 def test_full_recipe_with_perceptual_and_gan(tmp_path, lpips_file, preset):
     data = write_photo_dir(tmp_path / "photos")
@@ -292,6 +295,7 @@ def test_full_recipe_with_perceptual_and_gan(tmp_path, lpips_file, preset):
     assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "discriminator.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_vq_and_optvq_switch(tmp_path):
     data = write_cifar_dir(tmp_path / "cifar")
     for method in ("vq", "optvq"):
@@ -391,6 +395,7 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_bit_identical(tmp_path):
     data = write_cifar_dir(tmp_path / "cifar", n_train=12, n_test=2)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -431,6 +436,7 @@ def _gloo_worker(rank: int, world: int, init_file: str, data: str, out: str) -> 
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path):
     data = write_cifar_dir(tmp_path / "cifar", n_train=16, n_test=4)
     mp.start_processes(

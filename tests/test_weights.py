@@ -155,6 +155,7 @@ def _reference_lpips(net: str, ours: LPIPS):
     return ref.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", ["vgg", "alex"])
 def test_lpips_equals_the_reference_package(cached, net):
     ours = load_lpips(cached / f"lpips-{net}-v0.1.safetensors", net)
@@ -206,6 +207,7 @@ def _folders(tmp_path: Path) -> tuple[Path, Path]:
     return orig, rec
 
 
+@pytest.mark.slow
 def test_eval_with_every_metric_and_ref_stats(cached, tmp_path, invoke):
     orig, rec = _folders(tmp_path)
     stats, out = tmp_path / "ref.safetensors", tmp_path / "r.json"
