@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from optvq_cli.core import __version__
 
 # The public API, imported on first use so `optvq --help` does not pay for importing torch.
 _EXPORTS = {

@@ -699,7 +699,7 @@ def _model_protocol(job: _Job) -> dict[str, Any]:
 
 
 def _protocol(job: _Job, world_size: int) -> dict[str, Any]:
-    from optvq_cli import __version__
+    from optvq_cli.core import __version__
 
     opts = job.opts
     p: dict[str, Any] = {
