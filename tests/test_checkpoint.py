@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from optvq_cli.checkpoints import files, refs
 from optvq_cli.core.errors import UserError
-from optvq_cli.model import PRESETS, build_model, load_model, save_model
+from optvq_cli.model import PRESETS, OptVQModel, build_model, convert_upstream, load_model, save_model
 from optvq_cli.model import checkpoint as ckpt
 from optvq_cli.quant.assign import sinkhorn_assign_plain
 
@@ -269,7 +269,7 @@ def test_authors_full_file_plan_from_key_list():
     """The published 4-head file as the key list describes it: every model tensor found with the
     right shape, and exactly the loss tensors left over."""
     file_shapes = {k: s for k, (s, _) in read_key_list("keys_f16_h4.txt").items()}
-    _, expected = ckpt._expected_shapes(PRESETS["imagenet-f16-h4"], device="meta")
+    _, expected = ckpt._expected_shapes(OptVQModel, PRESETS["imagenet-f16-h4"], device="meta")
     plan = files.plan_keys(file_shapes, expected, "model.safetensors", "imagenet-f16-h4")
     assert sorted(plan.ignored) == sorted(k for k in file_shapes if k.startswith("model.loss."))
     assert len(plan.sources) == len(expected) == sum(not k.startswith("model.loss.") for k in file_shapes)
@@ -360,7 +360,7 @@ def test_convert_vqgan_training_checkpoint(tmp_path):
     sd["_orig_mod.loss.discriminator.main.0.weight"] = torch.zeros(4)
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": sd, "optimizer": {"lr": 1e-4}, "epoch": 3}, path)
-    model = ckpt.convert_upstream(path)
+    model = convert_upstream(path)
     cfg = model.config
     want = PRESETS["tiny-vqgan"]
     assert (cfg.arch, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels) == (
@@ -385,7 +385,7 @@ def test_convert_plain_cnn_training_checkpoint_from_key_list(tmp_path):
     sd = {k: torch.randn(s, generator=g) for k, (s, _) in keys.items() if not k.startswith("loss.")}
     sd["loss.perceptual_loss.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
     torch.save({"model": sd}, tmp_path / "checkpoint.pth")
-    model = ckpt.convert_upstream(tmp_path / "checkpoint.pth")
+    model = convert_upstream(tmp_path / "checkpoint.pth")
     m = PRESETS["mnist"]
     assert (model.config.arch, model.config.in_channels, model.config.cnn_widths) == (
         "plain_cnn",
@@ -401,7 +401,7 @@ def test_convert_refuses_arbitrary_pickles(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": {"encoder.x": torch.zeros(1)}, "cfg": Path("/etc")}, path)  # a non-tensor object
     with pytest.raises(UserError) as e:
-        ckpt.convert_upstream(path)
+        convert_upstream(path)
     one_line_error(e, "checkpoint.pth", "refused")
 
 
@@ -466,7 +466,7 @@ def test_pickle_renamed_safetensors(tmp_path):
     msg = one_line_error(e, "pickle", "--from-upstream")
     # the advice works: the converter tells the file by its content, not its name
     assert f"optvq export --from-upstream {path} OUT" in msg
-    model = ckpt.convert_upstream(path)
+    model = convert_upstream(path)
     assert model.config == PRESETS["tiny"].replace(resolution=32)
     for k, v in model.state_dict().items():
         assert torch.equal(v, tensors[k]), k
@@ -501,7 +501,7 @@ def _refuse_building(monkeypatch):
     def no_build(*a, **k):
         raise AssertionError("the model was built before the config was checked against the file")
 
-    monkeypatch.setattr(ckpt, "build_model", no_build)
+    monkeypatch.setattr(ckpt, "_expected_shapes", no_build)  # where the loader builds the model
 
 
 def test_oversized_config_is_refused_before_building(tiny_dir, monkeypatch):
@@ -665,7 +665,7 @@ def test_weights_holding_nan_or_inf_are_refused_naming_the_first_bad_tensor(tmp_
     one_line_error(e, str(path), "tensor decoder.out_fc.weight", "1 NaN and 0 inf")
     torch.save({"model": t}, tmp_path / "checkpoint.pth")
     with pytest.raises(UserError) as e:
-        ckpt.convert_upstream(tmp_path / "checkpoint.pth")
+        convert_upstream(tmp_path / "checkpoint.pth")
     one_line_error(e, "checkpoint.pth", "inf")
 
 

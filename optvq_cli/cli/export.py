@@ -99,7 +99,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _load(model: str, from_upstream: bool, revision: str | None, device: str):
-    from optvq_cli.model.checkpoint import convert_upstream, load_model
+    from optvq_cli.model import convert_upstream, load_model
 
     if from_upstream:
         if revision is not None:
@@ -204,7 +204,7 @@ def _model_to_describe(ref: str, revision: str | None, device: str):
     """(model, what it is). A preset only when the reference names nothing else at all: a folder,
     file, bundled or hub model of that name, or an error loading it, wins."""
     from optvq_cli.checkpoints.refs import NotFound, locate
-    from optvq_cli.model.checkpoint import load_located
+    from optvq_cli.model import load_located
     from optvq_cli.model.optvq import PRESETS
 
     if ref.startswith(PRESET_PREFIX):

@@ -29,7 +29,11 @@ from optvq_cli.checkpoints.upstream import infer_config, read_training_checkpoin
 from optvq_cli.core.device import DTYPE_NAMES, resolve_device, resolve_dtype
 from optvq_cli.core.errors import UserError, first_line
 from optvq_cli.core.fileio import atomic_write_text, sha256_file
-from optvq_cli.model.optvq import ModelConfig, OptVQModel, Provenance, build_model
+from optvq_cli.model.config import ModelConfig, Provenance
+
+# The model class is a parameter (``cls``), as in diffusers' from_pretrained: the loader builds
+# whatever class asks, so it never imports the class and the class may call it.
+Model = Any
 
 __all__ = [
     "CONFIG_NAME",
@@ -47,7 +51,7 @@ __all__ = [
 
 # -- saving --------------------------------------------------------------------------------------
 def save_model(
-    model: OptVQModel,
+    model: Model,
     directory: str | Path,
     metadata: dict[str, Any] | None = None,
     dtype: str | torch.dtype | None = None,
@@ -164,14 +168,15 @@ def _config_name(parsed: ParsedConfig) -> str:
 
 
 # -- loading -------------------------------------------------------------------------------------
-def _expected_shapes(cfg: ModelConfig, device: str = "cpu") -> tuple[OptVQModel, dict[str, tuple[int, ...]]]:
+def _expected_shapes(cls: type, cfg: ModelConfig, device: str = "cpu") -> tuple[Model, dict[str, tuple[int, ...]]]:
     """The model to load into, and the shape of every tensor it needs. Built on the CPU: a meta
     build would be free of memory but pulls in torch's decomposition machinery (seconds per process)."""
-    skeleton = build_model(cfg, device=device)
+    with torch.device(device):
+        skeleton = cls(cfg)
     return skeleton, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
 
 
-def _materialize(skeleton: OptVQModel, tensors: dict[str, torch.Tensor], device: torch.device) -> OptVQModel:
+def _materialize(skeleton: Model, tensors: dict[str, torch.Tensor], device: torch.device) -> Model:
     state = {k: (t.float() if t.is_floating_point() else t) for k, t in tensors.items()}
     skeleton.load_state_dict(state, strict=True, assign=True)
     return skeleton.to(device).eval()
@@ -195,7 +200,7 @@ def _stored_dtype(plan: KeyPlan, dtypes: dict[str, str]) -> str:
     return {frozenset({"F16"}): "fp16", frozenset({"BF16"}): "bf16"}.get(frozenset(stored), "fp32")
 
 
-def _attach(model: OptVQModel, provenance: Provenance) -> OptVQModel:
+def _attach(model: Model, provenance: Provenance) -> Model:
     """The one place a loaded model gets its provenance (and the skipped tensors are reported)."""
     model.provenance = provenance
     files.report_ignored(provenance.ignored_keys, provenance.source or "the model")
@@ -206,19 +211,19 @@ def _attach(model: OptVQModel, provenance: Provenance) -> OptVQModel:
 class LoadedState:
     parsed: ParsedConfig
     plan: KeyPlan
-    skeleton: OptVQModel  # the model the tensors go into
+    skeleton: Model  # the model the tensors go into
     tensors: dict[str, torch.Tensor]  # model key -> tensor read from the file (CPU)
     weights_dtype: str  # fp32, fp16 or bf16: how the file stores encoder and decoder
 
 
-def load_state(located: Located) -> LoadedState:
+def load_state(cls: type, located: Located) -> LoadedState:
     """Validate a located checkpoint and read the tensors the model needs (on the CPU).
     The config is checked against the header's shapes before the model is built."""
     meta, shapes, dtypes = files.read_header(located.weights)
     parsed = _read_config(located, meta)
     where = str(located.weights)
     check_config_against_header(parsed.config, shapes, where, _config_name(parsed))
-    skeleton, expected = _expected_shapes(parsed.config)
+    skeleton, expected = _expected_shapes(cls, parsed.config)
     plan = plan_keys(shapes, expected, where, _config_name(parsed))
     for k in plan.sources.values():
         if not dtypes[k].startswith(("F", "BF")):
@@ -229,12 +234,12 @@ def load_state(located: Located) -> LoadedState:
 
 
 def load_located(
-    located: Located, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None
-) -> OptVQModel:
+    cls: type, located: Located, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None
+) -> Model:
     """``load_model`` for a reference ``locate`` has resolved already."""
     dev = resolve_device(device)
     compute = resolve_dtype(dtype)
-    state = load_state(located)
+    state = load_state(cls, located)
     parsed = state.parsed
     digest = sha256_file(located.weights)
     if parsed.weights_sha256 and parsed.weights_sha256 != digest:
@@ -250,12 +255,13 @@ def load_located(
 
 
 def load_model(
+    cls: type,
     ref: str | Path,
     device: str | torch.device = "auto",
     revision: str | None = None,
     dtype: str | torch.dtype | None = None,
-) -> OptVQModel:
-    """The model a reference names, in eval mode on ``device`` (``auto``: CUDA when available).
+) -> Model:
+    """The model (of class ``cls``) a reference names, in eval mode on ``device`` (``auto``: CUDA when available).
 
     ``dtype`` (bf16 / fp16) sets the model's autocast dtype for encoder and decoder. Tensors in the
     file that the model does not use (the authors' loss networks) are reported and skipped;
@@ -264,11 +270,11 @@ def load_model(
     """
     resolve_device(device)  # a bad --device fails before any download
     resolve_dtype(dtype)
-    return load_located(locate(ref, revision), device, dtype)
+    return load_located(cls, locate(ref, revision), device, dtype)
 
 
-def convert_upstream(path: str | Path, **quantizer: Any) -> OptVQModel:
-    """An OptVQModel (CPU, eval) from the authors' training checkpoint (``checkpoint.pth`` holding
+def convert_upstream(cls: type, path: str | Path, **quantizer: Any) -> Model:
+    """An Model (CPU, eval) from the authors' training checkpoint (``checkpoint.pth`` holding
     ``{"model": state_dict}``, names without ``model.``, maybe ``_orig_mod.``), or from a bare
     state-dict safetensors file without config; which of the two is told by the content, not the
     name. The config is inferred from the tensor shapes."""
@@ -279,7 +285,7 @@ def convert_upstream(path: str | Path, **quantizer: Any) -> OptVQModel:
         cfg = ModelConfig.from_dict(infer_config(shapes, **quantizer))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: cannot tell the architecture from its tensors ({first_line(e)})") from None
-    skeleton, expected = _expected_shapes(cfg)
+    skeleton, expected = _expected_shapes(cls, cfg)
     file_shapes = {k: tuple(v.shape) for k, v in raw.items()}
     plan = plan_keys(file_shapes, expected, str(path), f"the inferred {cfg.arch} config")
     tensors = {nk: raw[k] for nk, k in plan.sources.items()}

@@ -26,7 +26,8 @@ from torch import nn
 from optvq_cli.core.errors import UserError, first_line
 from optvq_cli.core.fileio import atomic_write_text
 from optvq_cli.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_model
-from optvq_cli.model.optvq import OptVQModel
+
+OptVQModel = Any  # the model class is not imported: it calls this module (save_pretrained)
 
 FORMATS = ("hf", "torchscript", "torch-export", "onnx")
 PROGRAM_SUFFIX = {"torchscript": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
