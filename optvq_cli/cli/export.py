@@ -134,6 +134,7 @@ def export(
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N to load on (programs: CPU)."),
     size: str | None = typer.Option(
         None,
+        "--input-size",
         "--size",
         help="Example image size for program exports, H or HxW (default: the model's resolution).",
     ),
@@ -225,7 +226,7 @@ def info(
     model: str = typer.Argument(
         ..., help=MODEL_HELP + " A preset name (or preset:NAME) describes the untrained preset."
     ),
-    size: str | None = typer.Option(None, "--size", help="Image size for the token grid, H or HxW."),
+    size: str | None = typer.Option(None, "--input-size", "--size", help="Image size for the token grid, H or HxW."),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N to load on."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
