@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from optvq_cli.core.errors import UserError
-from optvq_cli.core.walk import SymlinkLoop, iter_files, walk_files
+from optvq_cli.core.walk import SymlinkLoop, iter_files, relative_posix, walk_files
 
 RESAMPLE = "bicubic"  # Pillow's bicubic resize is antialiased when shrinking
 _EXIF_ORIENTATION = 0x0112
@@ -85,7 +85,7 @@ def _read_list(list_file: Path) -> list[Path]:
 
 
 def _name(path: Path, root: Path) -> str:
-    return path.relative_to(root).with_suffix("").as_posix()
+    return os.path.splitext(relative_posix(path, root))[0]
 
 
 _NO_IMAGES = "no images found (looked for .jpg, .png, .webp, .bmp, .tif, .gif and the like)"
