@@ -533,7 +533,7 @@ def test_cli_errors_are_one_line_without_traceback(tiny_model_dir, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "made by another model" in lines[0]
 
 
-# ---------------------------------------------------------------- QA findings (issue 4): OUTPUT safety
+# ---------------------------------------------------------------- OUTPUT safety
 
 
 def refused(result: tuple[int, str, str], *needles: str) -> str:
@@ -712,7 +712,7 @@ def test_an_edited_manifest_is_refused_naming_the_field(photos, tiny_model_dir, 
     assert tree(out) == before and not (tmp_path / "dec").exists()
 
 
-# ---------------------------------------------------------------- QA findings (issue 4): smaller ones
+# ---------------------------------------------------------------- messages and smaller refusals
 
 
 def test_pack_with_no_crop_is_refused_before_any_work(photos, tmp_path):

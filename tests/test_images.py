@@ -258,7 +258,7 @@ def test_dataset_returns_errors_as_data_even_in_workers(tmp_path):
     assert s[3].pixels is None and s[3].error is None and s[3].placement.original_size == (20, 20)
 
 
-# ---------------------------------------------------------------- QA findings (issue 4)
+# ---------------------------------------------------------------- hostile and unusual inputs
 
 
 def test_txt_list_with_a_bom_and_a_path_listed_twice(tmp_path):
