@@ -140,6 +140,7 @@ def test_encode_mirrors_the_tree_and_records_the_manifest(photos, tiny_model_dir
     assert manifest["model"]["sha256"] == weights_sha
     assert manifest["model"]["ref"] == str(tiny_model_dir.resolve())
     assert manifest["assign"] == "nearest" and manifest["batch_dependent"] is False
+    assert (manifest["format"], manifest["optvq_format"]) == ("optvq-tokens", 1) and "version" not in manifest
     assert manifest["layout"] == "files" and manifest["complete"] is True
     assert manifest["preprocess"]["size"] == 32 and manifest["preprocess"]["crop"] == "center"
     rows = {r["name"]: r for r in manifest["images"]}

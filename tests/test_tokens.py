@@ -216,3 +216,16 @@ def test_a_reconstruct_manifest_is_not_a_token_manifest(tmp_path):
     with pytest.raises(UserError, match="not an optvq token manifest"):
         tk.read_manifest(tmp_path)
     assert tk.read_manifest(tmp_path, tk.RECONSTRUCT_FORMAT)["format"] == tk.RECONSTRUCT_FORMAT
+
+
+def test_manifests_say_optvq_format_and_older_version_keys_still_read(tmp_path):
+    """One form for format versions: "optvq_format": N (as model config.json); a manifest written
+    with the older "version": N key is still read, a newer number is refused."""
+    doc = _valid_manifest()
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    assert tk.read_manifest(tmp_path)["version"] == 1  # the older spelling
+    doc.pop("version")
+    doc["optvq_format"] = tk.FORMAT_VERSION + 1
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(Exception, match="newer than this optvq reads"):
+        tk.read_manifest(tmp_path)

@@ -39,7 +39,7 @@ from optvq_cli.tokenize.token_sources import (
 def _header(model: Any, model_ref: str | None, revision: str | None, tokens: Path) -> dict:
     return {
         "format": DECODE_FORMAT,
-        "version": tk.FORMAT_VERSION,
+        "optvq_format": tk.FORMAT_VERSION,
         "model": tk.model_identity(model, model_ref or str(model.source), revision),
         "tokens": str(tokens.resolve()),
     }

@@ -85,7 +85,7 @@ def _header(
 ) -> dict:
     return {
         "format": tk.FORMAT,
-        "version": tk.FORMAT_VERSION,
+        "optvq_format": tk.FORMAT_VERSION,
         "model": tk.model_identity(model, model_ref, revision),
         "preprocess": pre.to_json(),
         "assign": assign,

@@ -440,7 +440,6 @@ def _header(model: Any, ref: str, revision: str | None, pre: Preprocess, opts: d
     sinkhorn = opts["assign"] == "sinkhorn"
     return {
         "format": tk.FORMAT,
-        "version": tk.FORMAT_VERSION,
         "optvq_format": SHARD_FORMAT,
         "layout": "shards",
         "model": tk.model_identity(model, ref, revision),

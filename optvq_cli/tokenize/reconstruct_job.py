@@ -66,7 +66,7 @@ def _header(
 ) -> dict:
     return {
         "format": tk.RECONSTRUCT_FORMAT,
-        "version": tk.FORMAT_VERSION,
+        "optvq_format": tk.FORMAT_VERSION,
         "model": tk.model_identity(model, model_ref or str(model.source), revision),
         "preprocess": pre.to_json(),
         "assign": assign,

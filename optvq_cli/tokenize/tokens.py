@@ -26,7 +26,7 @@ from optvq_cli.quant import ASSIGN_MODES
 
 FORMAT = "optvq-tokens"
 RECONSTRUCT_FORMAT = "optvq-reconstruct"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written as "optvq_format": N beside the "format" kind, as in model config.json
 MANIFEST = "manifest.json"
 PACKED = "tokens.npy"
 PATHS = "paths.txt"
@@ -222,9 +222,9 @@ def _check_model(model: Any) -> None:
 
 
 def _check_header(data: dict) -> None:
-    version = data.get("version", FORMAT_VERSION)
+    version = data.get("optvq_format", data.get("version", FORMAT_VERSION))  # "version": older manifests
     if not _int(version, 1):
-        raise _Bad("version", f"must be a positive integer, got {json.dumps(version)}")
+        raise _Bad("optvq_format", f"must be a positive integer, got {json.dumps(version)}")
     if version > FORMAT_VERSION:
         raise _Newer(f"version {version} is newer than this optvq reads ({FORMAT_VERSION}); upgrade optvq")
     _check_model(data.get("model"))
