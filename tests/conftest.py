@@ -27,6 +27,23 @@ def photo_crops(n: int, size: int, grey: bool = False) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def lpips_file(tmp_path_factory) -> Path:
+    """LPIPS-VGG in optvq's layout with random VGG weights (the real ones need a download)."""
+    import torch
+
+    from optvq_cli.core.fileio import write_safetensors
+    from optvq_cli.eval.perceptual import LPIPS
+
+    torch.manual_seed(0)
+    net = LPIPS("vgg")
+    for k in range(5):
+        getattr(net, f"lin{k}").data.fill_(0.1)
+    path = tmp_path_factory.mktemp("lpips") / "lpips-vgg.safetensors"
+    write_safetensors(path, net.state_dict())
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """build_model("tiny") with fixed weights, saved once per session (config.json + model.safetensors)."""
     import torch

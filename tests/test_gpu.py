@@ -49,22 +49,6 @@ def _run(tmp_path: Path, cfg, name: str = "run") -> list[dict[str, float]]:
     return losses
 
 
-@pytest.fixture(scope="module")
-def lpips_file(tmp_path_factory) -> Path:
-    """LPIPS-VGG in optvq's layout with random VGG weights (the real ones need a download)."""
-    from safetensors.torch import save_file
-
-    from optvq_cli.eval.perceptual import LPIPS
-
-    torch.manual_seed(0)
-    net = LPIPS("vgg")
-    for k in range(5):
-        getattr(net, f"lin{k}").data.fill_(0.1)
-    path = tmp_path_factory.mktemp("lpips") / "lpips-vgg.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    return path
-
-
 def _first_conv(module: nn.Module) -> nn.Conv2d:
     return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
 

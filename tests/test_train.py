@@ -255,22 +255,6 @@ def test_cifar10_preset(tmp_path):
     _decreases(tmp_path / "run")
 
 
-@pytest.fixture(scope="module")
-def lpips_file(tmp_path_factory) -> Path:
-    """LPIPS-VGG in optvq's layout with random VGG weights (the real ones need a download)."""
-    from safetensors.torch import save_file
-
-    from optvq_cli.eval.perceptual import LPIPS
-
-    torch.manual_seed(0)
-    net = LPIPS("vgg")
-    for k in range(5):
-        getattr(net, f"lin{k}").data.fill_(0.1)
-    path = tmp_path_factory.mktemp("lpips") / "lpips-vgg.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-vqgan", "imagenet-f16-h4"])
 def test_full_recipe_with_perceptual_and_gan(tmp_path, lpips_file, preset):

@@ -30,6 +30,9 @@ from optvq_cli.quant.quantizer import Assign, OptVQuantizer
 ImageInput = str | Path | Image.Image  # what preprocess reads: a path or a Pillow image
 
 
+_ALWAYS_FITS = 2**30  # estimated bytes below which a batch is not checked against the device's memory
+
+
 def device_memory(device: torch.device) -> int | None:
     """Bytes a batch may use on ``device``: a GPU's total memory, or the CPU's available memory
     (MemAvailable; the physical memory where /proc is missing). None when unknown."""
@@ -169,7 +172,10 @@ class OptVQModel(nn.Module):
     def check_memory(self, batch: int, height: int, width: int, device: torch.device) -> None:
         """Refuse, in one line naming what to lower, a batch that cannot fit this device's memory,
         instead of exhausting the machine or ending in an allocator's traceback."""
-        need, have = self.activation_bytes(batch, height, width), device_memory(device)
+        need = self.activation_bytes(batch, height, width)
+        if need < _ALWAYS_FITS:  # every encoder call passes here: no /proc read for ordinary batches
+            return
+        have = device_memory(device)
         if have is not None and need > have:
             raise MemoryError(
                 f"a batch of {batch} image(s) of {width}x{height} needs about {need / 2**30:.1f} GiB, more than "

@@ -65,10 +65,6 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     atomic_write_text(Path(folder) / MANIFEST, text)
 
 
-def write_lines(path: Path, lines: list[str]) -> None:
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
 def _temp_owner(name: str) -> int | None:
     """The pid in a temporary file's name (``.<target><TMP_MARK><pid>-<hex><suffix>``), or None."""
     m = re.match(r"(\d+)-", name.split(TMP_MARK, 1)[1])
