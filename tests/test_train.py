@@ -586,3 +586,21 @@ def test_a_second_run_on_a_locked_run_folder_fails_at_once(tmp_path):
     train(cfg, run, **QUIET)  # the lock was released: the same run goes ahead, no --overwrite needed
     with folder_lock(run), pytest.raises(FolderBusy):
         train(cfg, run, resume=True, **QUIET)
+
+
+def test_training_state_names_its_format_and_earlier_states_still_resume(tmp_path):
+    data = write_photo_dir(tmp_path / "photos", 6)
+    run = tmp_path / "run"
+    args = ["--preset", "tiny", "--data", data, "--out", run, "--batch-size", "4", "-q", "--set", "val_every=0"]
+    assert _cli("train", *args, "--steps", "2")[0] == 0
+    state_file = list_checkpoints(run)[-1][1] / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert (state["format"], state["optvq_format"]) == ("optvq-training-state", 1)
+    # the spelling of earlier saves: a bare version number under "format"
+    torch.save({**{k: v for k, v in state.items() if k != "optvq_format"}, "format": 1}, state_file)
+    code, err = _cli("train", "--resume", run, "--steps", "3", "-q")
+    assert code == 0, err
+    newer = list_checkpoints(run)[-1][1] / "training_state.pt"
+    torch.save({**torch.load(newer, weights_only=True), "optvq_format": 2}, newer)
+    code, err = _cli("train", "--resume", run, "--steps", "4", "-q")
+    assert code == 1 and "training state format 2, this optvq reads 1" in err

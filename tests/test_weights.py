@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import optvq_cli.cli.weights  # noqa: F401  (registers `optvq weights` until the CLI imports it)
 from optvq_cli.core.errors import UserError
@@ -228,6 +230,16 @@ def test_eval_with_every_metric_and_ref_stats(cached, tmp_path, invoke):
     again = json.loads(out.read_text())
     assert again["protocol"]["rfid"]["ref_stats_loaded"]
     assert again["rfid"] == pytest.approx(rep["rfid"], rel=1e-9)
+    # a file written with the earlier fingerprint spelling ("optvq-ref-stats-1") is still used
+    with safe_open(str(stats), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert (meta["format"], meta["optvq_format"]) == ("optvq-ref-stats", "1")
+    del meta["optvq_format"]
+    save_file(tensors, str(stats), metadata={**meta, "format": "optvq-ref-stats-1"})
+    code, text = invoke(
+        "eval", orig, "--against", rec, "--size", 64, "--ref-stats", stats, "--json", out, "--overwrite"
+    )
+    assert code == 0 and json.loads(out.read_text())["protocol"]["rfid"]["ref_stats_loaded"], text
     # other images with the same statistics file: refused
     code, text = invoke("eval", orig, "--against", rec, "--size", 64, "--ref-stats", stats, "--limit", 3)
     assert code == 1 and "--ref-stats" in text and "delete it" in text

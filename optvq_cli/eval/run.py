@@ -198,13 +198,15 @@ Skip = Callable[[str, str], None]  # (path, why): an image that cannot be read, 
 
 # -- reference statistics -------------------------------------------------------------------------
 
-_REF_FORMAT = "optvq-ref-stats-1"
+_REF_FORMAT, _REF_VERSION = "optvq-ref-stats", "1"
+_REF_FORMAT_V0 = "optvq-ref-stats-1"  # earlier files: kind and version in one string
 
 
 def _fingerprint(rel: list[str], resolution: int | None, inception_sha: str, mode: str) -> dict[str, str]:
     names = hashlib.sha256("\n".join(rel).encode()).hexdigest()
     return {
         "format": _REF_FORMAT,
+        "optvq_format": _REF_VERSION,
         "images_sha256": names,
         "count": str(len(rel)),
         "resolution": str(resolution) if resolution is not None else "own",
@@ -220,7 +222,7 @@ def load_ref_stats(path: Path, expect: dict[str, str]) -> tuple[np.ndarray, np.n
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = _current_ref_meta(f.metadata() or {})
             mu, sigma = f.get_tensor("mu"), f.get_tensor("sigma")
     except (SafetensorError, OSError, KeyError) as e:
         raise UserError(f"--ref-stats {path}: not a reference-statistics file ({e}); delete it to recompute") from None
@@ -231,6 +233,13 @@ def load_ref_stats(path: Path, expect: dict[str, str]) -> tuple[np.ndarray, np.n
             "delete it or choose another path"
         )
     return mu.numpy(), sigma.numpy(), int(meta["count"])
+
+
+def _current_ref_meta(meta: dict[str, str]) -> dict[str, str]:
+    """An earlier file's fingerprint in today's spelling, so a cached file stays usable."""
+    if meta.get("format") == _REF_FORMAT_V0:
+        return {**meta, "format": _REF_FORMAT, "optvq_format": _REF_VERSION}
+    return meta
 
 
 def save_ref_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, str]) -> None:

@@ -292,13 +292,14 @@ def _check_layout(state: dict, name: str) -> None:
         raise UserError(f"converted {name} weights do not fit the network; this is a bug, please report it")
 
 
-_FORMAT = "optvq-perceptual-1"
+_FORMAT, _VERSION = "optvq-perceptual", 1
 
 
 def _metadata(name: str, source: str) -> dict[str, str]:
     """ONE sorted JSON string: the header's key order is then fixed, and so the file's sha256,
     which goes into reports."""
-    return {"optvq": json.dumps({"network": name, "source": source, "format": _FORMAT}, sort_keys=True)}
+    doc = {"network": name, "source": source, "format": _FORMAT, "optvq_format": _VERSION}
+    return {"optvq": json.dumps(doc, sort_keys=True)}
 
 
 def build(name: str, sources: _Sources) -> dict:

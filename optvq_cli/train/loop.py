@@ -309,6 +309,7 @@ class Trainer:
         step, plan = self.step, self.plan
         return {
             "format": R.STATE_FORMAT,
+            "optvq_format": R.STATE_VERSION,
             "step": step,
             "total_steps": self.total,
             "skipped": self.skipped,

@@ -33,7 +33,8 @@ TB_DIR = "tensorboard"
 STATE_FILE = "training_state.pt"
 DISC_FILE = "discriminator.safetensors"
 EMA_FILE = "ema.safetensors"
-STATE_FORMAT = 1
+STATE_FORMAT = "optvq-training-state"  # with "optvq_format": STATE_VERSION, as every optvq file
+STATE_VERSION = 1
 
 
 def ckpt_name(step: int) -> str:
@@ -149,9 +150,17 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint: one line
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: cannot read the checkpoint ({first}); delete it to use an older one") from None
-    if out["state"].get("format") != STATE_FORMAT:
-        raise UserError(f"{path}: training state format {out['state'].get('format')}, this optvq reads {STATE_FORMAT}")
+    version = _state_version(out["state"])
+    if version != STATE_VERSION:
+        raise UserError(f"{path}: training state format {version}, this optvq reads {STATE_VERSION}")
     return out
+
+
+def _state_version(state: dict) -> object:
+    """The training state's format version; earlier saves wrote it as a bare ``"format": 1``."""
+    if state.get("format") == STATE_FORMAT:
+        return state.get("optvq_format")
+    return state.get("format")
 
 
 class MetricsLog:
