@@ -1,11 +1,13 @@
 """The assignment math against hand calculation, closed forms and the plain formulation."""
 
+import copy
 import math
 
 import pytest
 import torch
 
 from optvq_cli import nearest_assign, sinkhorn_assign
+from optvq_cli.quant import assign as A
 from optvq_cli.quant.assign import _best_in_rows, sinkhorn_assign_plain, sinkhorn_plans
 
 
@@ -198,3 +200,16 @@ def test_quantizer_chunk_size_streams(monkeypatch):
     q.assign_indices(x, codes)
     assert max(seen) == 200
     assert not hasattr(A, "STREAM_CHUNK")  # no process-wide switch
+
+
+def test_a_workspace_is_reused_and_changes_no_index():
+    g = torch.Generator().manual_seed(3)
+    x, codes = torch.randn(300, 4, generator=g), torch.randn(50, 4, generator=g)
+    ws = A.Workspace()
+    first = sinkhorn_assign(x, codes, workspace=ws)
+    buf = ws._buf.data_ptr()
+    assert torch.equal(first, sinkhorn_assign(x, codes))
+    assert torch.equal(sinkhorn_assign(x[:200], codes, workspace=ws), sinkhorn_assign(x[:200], codes))
+    assert ws._buf.data_ptr() == buf  # a smaller pool fits the memory already there
+    assert torch.equal(sinkhorn_assign(x, codes, chunk_size=7, workspace=ws), sinkhorn_assign(x, codes, chunk_size=7))
+    assert copy.deepcopy(ws)._buf is None  # a copied model does not copy the matrix

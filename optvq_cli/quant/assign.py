@@ -29,6 +29,34 @@ DEFAULT_MAX_BYTES = 2 * 1024**3
 _V_MAX = 1e30  # keeps a code that nothing reaches from overflowing its scaling
 
 
+class Workspace:
+    """Memory for the Sinkhorn matrix, kept between calls on a CPU.
+
+    A fresh l x n matrix costs one page fault per 4 KiB on every call (0.5 s of a 2.3 s assignment
+    at 262,144 x 1,024); a quantizer called on pools of one shape (every training step) fills the
+    same memory again. GPU allocators keep freed memory already: there nothing is held."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def matrix(self, rows: int, n: int, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.empty(rows, n, device=device)
+        if self._buf is None or self._buf.numel() < rows * n:
+            self._buf = None  # the old one goes before the new one is made
+            self._buf = torch.empty(rows * n)
+        return self._buf[: rows * n].view(rows, n)
+
+    def release(self) -> None:
+        self._buf = None
+
+    def __deepcopy__(self, memo) -> Workspace:  # a copied model (EMA) starts without one
+        return Workspace()
+
+    def __getstate__(self) -> dict:
+        return {"_buf": None}
+
+
 def _default_group(distributed: bool | None):
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -155,6 +183,7 @@ def sinkhorn_assign(
     chunk_size: int | None = None,
     max_bytes: int | None = None,
     distributed: bool | None = None,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """OptVQ assignment (Algorithm 1): k_i = argmax_j A_ij of the entropic transport plan.
 
@@ -167,22 +196,24 @@ def sinkhorn_assign(
     distances are recomputed block by block on every pass and only the per-vector and per-code
     scalings are kept, O((l + n) d + chunk n) memory.
     ``distributed=None`` reduces across ranks whenever torch.distributed is initialized.
+    ``workspace`` keeps the matrix's memory for the next call (see ``Workspace``).
     """
     x, codes = _prepare(x, codes)
     group = _default_group(distributed)
     if x.shape[0] == 0 and group is None:
         return torch.empty(0, dtype=torch.long, device=x.device)
     with _flush_denormals(x.device):
-        return _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes or DEFAULT_MAX_BYTES, group)
+        budget = max_bytes or DEFAULT_MAX_BYTES
+        return _sinkhorn(x, codes, epsilon, n_iters, chunk_size, budget, group, workspace or Workspace())
 
 
-def _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group) -> torch.Tensor:
+def _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group, workspace: Workspace) -> torch.Tensor:
     pairs = _Pairs(x, codes, group)
     n, l_local = codes.shape[0], x.shape[0]
     stream = chunk_size is not None or l_local * n * 4 > max_bytes
     rows = _block_rows(n, x.device, chunk_size)
     spans = [(s, min(s + rows, l_local)) for s in range(0, l_local, rows)]
-    store = torch.empty((rows if stream else l_local), n, device=x.device)
+    store = workspace.matrix(min(rows, l_local) if stream else l_local, n, x.device)
 
     def view(s: int, e: int) -> torch.Tensor:
         return store[: e - s] if stream else store[s:e]

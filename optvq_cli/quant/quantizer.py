@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optvq_cli.quant import ASSIGN_MODES
-from optvq_cli.quant.assign import nearest_assign, sinkhorn_assign
+from optvq_cli.quant.assign import Workspace, nearest_assign, sinkhorn_assign
 
 Assign = Literal[ASSIGN_MODES]  # type: ignore[valid-type]  (the one list, in quant/__init__)
 LossType = Literal["l2", "l1", "ce"]
@@ -113,6 +113,7 @@ class OptVQuantizer(nn.Module):
         self.beta, self.epsilon, self.n_iters = beta, epsilon, n_iters
         self.loss_type, self.commitment, self.assign = loss_type, commitment, assign
         self.chunk_size = chunk_size
+        self.workspace = Workspace()  # the Sinkhorn matrix's memory, reused by the next call
         self.embedding = nn.Embedding(n_codes, self.code_dim)  # N(0, 1), PyTorch's default
         self.proj = nn.Linear(self.code_dim, self.code_dim) if use_proj else None
         if self.proj is not None:  # the authors' init: weight ~ N(0, 1/d)
@@ -129,7 +130,9 @@ class OptVQuantizer(nn.Module):
         """Indices for a pool x (l, code_dim)."""
         mode = assign or self.assign
         if mode == "sinkhorn":
-            return sinkhorn_assign(x, codes, self.epsilon, self.n_iters, chunk_size=self.chunk_size)
+            return sinkhorn_assign(
+                x, codes, self.epsilon, self.n_iters, chunk_size=self.chunk_size, workspace=self.workspace
+            )
         if mode == "nearest":
             return nearest_assign(x, codes)
         raise ValueError(f"unknown assignment {mode!r}: use 'sinkhorn' or 'nearest'")
