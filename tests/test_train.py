@@ -604,3 +604,24 @@ def test_training_state_names_its_format_and_earlier_states_still_resume(tmp_pat
     torch.save({**torch.load(newer, weights_only=True), "optvq_format": 2}, newer)
     code, err = _cli("train", "--resume", run, "--steps", "4", "-q")
     assert code == 1 and "training state format 2, this optvq reads 1" in err
+
+
+def test_validation_decodes_the_codes_themselves_as_eval_does():
+    """Features far from every code (a collapsed baseline's encoder drifts so): the straight-through
+    z_q differs from the codes by rounding at the features' scale; validation decodes the codes, as
+    eval decodes tokens, so it reports eval's reconstruction."""
+    from optvq_cli.eval.metrics import psnr
+    from optvq_cli.train.data import to_model_range
+    from optvq_cli.train.metrics import validate
+
+    torch.manual_seed(0)
+    model = build_model("tiny", device="cpu")
+    with torch.no_grad():
+        model.quant_conv.weight.mul_(1e7)
+    px = torch.from_numpy(photo_crops(4, 32))
+    x = to_model_range(px)
+    stats, _ = validate(model, ArrayImages(px, "val"), 4, torch.device("cpu"), 0, 0)
+    model.eval()
+    rec = model.decode_indices(model.encode_indices(x, assign=model.config.assign)).clamp(-1, 1)
+    expected = float(psnr((x + 1) / 2, (rec + 1) / 2).mean())
+    assert abs(stats["psnr_y"] - expected) < 1e-6

@@ -51,8 +51,10 @@ def validate(model: OptVQModel, dataset, batch: int, device: torch.device, worke
     batches = val_batches(len(dataset), batch, D.world_size(), D.rank())
     for x in make_loader(dataset, batches, workers, pin_memory_for(device)):
         x = x.to(device, non_blocking=True)
-        z_q, _, idx = model.encode(x, assign=model.config.assign)
-        rec = model.decode(z_q).clamp(-1, 1)
+        _, _, idx = model.encode(x, assign=model.config.assign)
+        # from the codes looked up exactly, as eval decodes tokens: the straight-through z_q equals
+        # them only up to rounding at the features' scale
+        rec = model.decode_indices(idx).clamp(-1, 1)
         sums[0] += psnr01((x + 1) / 2, (rec + 1) / 2).sum()
         sums[1] += x.shape[0]
         counts += torch.bincount(idx.flatten(), minlength=n_codes)
