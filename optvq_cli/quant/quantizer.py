@@ -88,7 +88,8 @@ class OptVQuantizer(nn.Module):
     ``forward`` returns (z_q with straight-through gradient, loss, indices); indices are shaped
     (B, heads, H, W) for images and (B, heads, T) for sequences. ``chunk_size`` (an attribute, read
     at every call; ``optvq --sinkhorn-chunk N`` sets it on a loaded model) makes the Sinkhorn
-    assignment stream in blocks of that many rows; None streams only above 2 GiB.
+    assignment stream in blocks of that many rows; None streams only above 2 GiB. On a CPU the
+    Sinkhorn matrix's memory stays for the next call; ``workspace.release()`` frees it.
     """
 
     def __init__(
