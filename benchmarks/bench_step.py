@@ -24,10 +24,10 @@ from pathlib import Path
 def _batch(mnist: str, size: int):
     import torch
 
-    from optvq_cli.train.data import open_splits
+    from optvq_cli.train.data import open_splits, to_model_range
 
     if Path(mnist).exists():
-        return open_splits(mnist, "mnist", channels=1, size=32).train.pixels[:size].float().div_(127.5).sub_(1.0)
+        return to_model_range(open_splits(mnist, "mnist", channels=1, size=32).train.pixels[:size])
     return torch.rand(size, 1, 32, 32) * 2 - 1
 
 
@@ -35,7 +35,6 @@ def child(threads: int, keep: bool, steps: int, mnist: str) -> dict:
     import torch
 
     from optvq_cli.model import build_model
-    from optvq_cli.quant import assign as A
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -43,8 +42,6 @@ def child(threads: int, keep: bool, steps: int, mnist: str) -> dict:
     model.train()
     if not keep:
         model.quantize.workspace = None  # sinkhorn_assign then makes a fresh matrix every call
-    else:
-        assert isinstance(model.quantize.workspace, A.Workspace)
     x = _batch(mnist, 1024)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []

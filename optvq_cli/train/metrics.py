@@ -51,9 +51,9 @@ def validate(model: OptVQModel, dataset, batch: int, device: torch.device, worke
     batches = val_batches(len(dataset), batch, D.world_size(), D.rank())
     for x in make_loader(dataset, batches, workers, pin_memory_for(device)):
         x = x.to(device, non_blocking=True)
-        _, _, idx = model.encode(x, assign=model.config.assign)
-        # from the codes looked up exactly, as eval decodes tokens: the straight-through z_q equals
-        # them only up to rounding at the features' scale
+        # eval's path: indices, then the codes looked up exactly (a straight-through z_q equals them
+        # only up to rounding at the features' scale)
+        idx = model.quantize.indices(model.features(x), assign=model.config.assign)
         rec = model.decode_indices(idx).clamp(-1, 1)
         sums[0] += psnr01((x + 1) / 2, (rec + 1) / 2).sum()
         sums[1] += x.shape[0]
