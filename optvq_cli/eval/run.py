@@ -28,6 +28,7 @@ from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import atomic_write, sha256_file, write_safetensors
 from optvq_cli.core.images import RESAMPLE, ImageError, Preprocess, image_extensions, read_image, read_size
 from optvq_cli.core.walk import walk_files
+from optvq_cli.core.workers import make_loader
 from optvq_cli.eval import metrics as M
 from optvq_cli.quant import ASSIGN_MODES
 from optvq_cli.quant.quantizer import codebook_stats
@@ -537,13 +538,7 @@ def _loader(job: _Job, rank: int, world_size: int) -> tuple[DataLoader, int]:
     n, b = len(job.rel), job.opts.batch_size
     mine = [list(range(i, min(i + b, n))) for i in range(0, n, b)][rank::world_size]
     dataset = EvalImages(job.opts.data, job.rel, job.resolution, job.mode, job.other)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=mine,
-        num_workers=job.opts.workers,
-        collate_fn=_as_list,
-        pin_memory=job.device.type == "cuda",
-    )
+    loader = make_loader(dataset, mine, job.opts.workers, _as_list, pin_memory=job.device.type == "cuda")
     return loader, sum(len(x) for x in mine)
 
 

@@ -8,7 +8,6 @@ inference on the device; a bad input comes back as data (path, reason), never as
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from optvq_cli.core.images import (
     to_pil,
     to_pixels,
 )
+from optvq_cli.core.workers import default_workers, make_loader
 from optvq_cli.quant import ASSIGN_MODES
 
 Progress = Callable[[int, int, int], None]  # (images finished so far, total, how many of those were already done)
@@ -41,11 +41,6 @@ def canonical_ref(ref: str) -> str:
     path, so ``decode`` finds it from any working directory; names and hub ids stay as given."""
     p = Path(ref).expanduser()
     return str(p.resolve()) if p.exists() else ref
-
-
-def default_workers() -> int:
-    """Reader processes: leave one core for the main process, at most 8."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def workers_or_default(workers: int | None) -> int:
@@ -145,17 +140,8 @@ def make_preprocess(model: Any, size: int | None, crop: bool) -> Preprocess:
 
 
 def _loader(dataset: Any, batch_size: int, workers: int) -> Any:
-    from torch.utils.data import DataLoader
-
     check_counts(batch_size, workers)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        prefetch_factor=4 if workers else None,  # keeps the device fed while workers decode
-    )
+    return make_loader(dataset, batch_size, workers, collate)
 
 
 def by_shape(samples: list[Sample]) -> list[list[Sample]]:

@@ -31,9 +31,10 @@ from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import atomic_write_text
 from optvq_cli.core.images import ImageError, Preprocess, find_inputs, read_image
 from optvq_cli.core.lock import folder_lock
+from optvq_cli.core.workers import default_workers, make_loader
 from optvq_cli.quant import ASSIGN_MODES
 from optvq_cli.tokenize import tokens as tk
-from optvq_cli.tokenize.batching import default_workers, full_fp32, make_preprocess
+from optvq_cli.tokenize.batching import full_fp32, make_preprocess
 from optvq_cli.tokenize.dataset import MANIFEST
 from optvq_cli.tokenize.shards import NO_LABEL, SHARD_FORMAT, Shard, ShardRows, shard_name, write_shard
 
@@ -320,16 +321,7 @@ def _batches(work: list[_Work], images_per_batch: int) -> tuple[list[list[int]],
 
 
 def _loader(dataset: _ViewDataset, batches: list[list[int]], workers: int, pin: bool):
-    from torch.utils.data import DataLoader
-
-    return DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=pin,
-        prefetch_factor=4 if workers else None,  # keeps the device fed while workers decode
-    )
+    return make_loader(dataset, batches, workers, _collate, pin_memory=pin)
 
 
 @dataclass

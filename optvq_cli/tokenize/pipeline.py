@@ -12,7 +12,6 @@ from optvq_cli.tokenize.batching import (
     Summary,
     canonical_ref,
     check_options,
-    default_workers,
     encoded_batches,
     make_preprocess,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "check_output_path",
     "check_tokens_input",
     "decode",
-    "default_workers",
     "encode",
     "encoded_batches",
     "make_preprocess",

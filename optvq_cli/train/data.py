@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from optvq_cli.core import workers as W
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import load_numpy_pickle, offline
 from optvq_cli.core.images import RESAMPLE, ImageError, image_extensions, read_image
@@ -549,12 +550,5 @@ def val_batches(n: int, batch: int, world: int, rank: int) -> list[list[tuple[in
 
 
 def make_loader(dataset, batch_sampler, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-    )
+    """Training and validation batches through the one loader (``core.workers``)."""
+    return W.make_loader(dataset, batch_sampler, workers, collate, pin_memory=pin_memory)

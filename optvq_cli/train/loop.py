@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import random
 import signal
 import threading
@@ -37,6 +36,7 @@ from optvq_cli.core import device as G
 from optvq_cli.core import dist as D
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.lock import folder_lock
+from optvq_cli.core.workers import default_workers
 from optvq_cli.model import OptVQModel, build_model, save_model
 from optvq_cli.model.vqgan import set_checkpointing
 from optvq_cli.train import run as R
@@ -189,9 +189,7 @@ class Trainer:
     def _workers(self) -> int:
         if self.cfg.data.workers is not None:
             return self.cfg.data.workers
-        if self.splits.kind != "folder":
-            return 0
-        return min(8, max(0, (os.cpu_count() or 1) // max(1, self.world) - 1))
+        return default_workers() if self.splits.kind == "folder" else 0
 
     def _losses(self) -> tuple[Any, nn.Module | None]:
         loss, perceptual, disc = self.cfg.loss, None, None
