@@ -62,7 +62,7 @@ def child(threads: int, keep: bool, steps: int, mnist: str, layout: bool = False
     timed = times[1 + 2 * compiled :]
     step = sorted(timed)[len(timed) // 2]
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    return {"step_s": step, "peak_gb": peak_gb}
+    return {"step_s": step, "peak_gb": peak_gb, "warmup_s": sum(times) - sum(timed)}
 
 
 # Other load on the machine: none, one busy process at normal priority, or one at the priority
@@ -120,8 +120,8 @@ def _conv_table(args) -> None:
     torch.compile (inductor, as ``train.compile=true``) against the plain eager step, workspace kept."""
     threads = max(map(int, args.threads.split(",")))
     print(f"\n{threads} threads, quiet, workspace kept\n")
-    print("| convolutions | steps/s | / eager | peak RSS |")
-    print("|---|---|---|---|")
+    print("| convolutions | steps/s | / eager | warm-up steps (compiling) | peak RSS |")
+    print("|---|---|---|---|---|")
     base = None
     for name, layout, compiled in (
         ("eager", 0, 0),
@@ -132,10 +132,11 @@ def _conv_table(args) -> None:
         try:
             r = _run(threads, True, None, args, bool(layout), bool(compiled))
         except subprocess.CalledProcessError as e:  # inductor needs a C++ compiler
-            print(f"| {name} | failed: {(e.stderr or '').strip().splitlines()[-1:]} | | |", flush=True)
+            print(f"| {name} | failed: {(e.stderr or '').strip().splitlines()[-1:]} | | | |", flush=True)
             continue
         base = base or r["step_s"]
-        print(f"| {name} | {1 / r['step_s']:.3f} | {base / r['step_s']:.2f}x | {r['peak_gb']:.2f} GB |", flush=True)
+        row = f"| {name} | {1 / r['step_s']:.3f} | {base / r['step_s']:.2f}x | {r['warmup_s']:.1f} s |"
+        print(f"{row} {r['peak_gb']:.2f} GB |", flush=True)
 
 
 if __name__ == "__main__":
