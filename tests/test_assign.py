@@ -76,6 +76,16 @@ def test_streaming_is_used_above_the_memory_budget():
     assert agreement(sinkhorn_assign(x, codes, max_bytes=1000), ref) >= 0.999
 
 
+def test_streaming_blocks_of_at_least_min_rows_give_the_indices_of_any_other_blocking():
+    # 16,384 codes: 8 MiB blocks would be 128 rows; streaming takes 512 (3 blocks, the last partial).
+    g = torch.Generator().manual_seed(4)
+    x, codes = torch.randn(1100, 8, generator=g), torch.randn(16384, 8, generator=g)
+    assert A._block_rows(16384, x.device, None, A.SINKHORN_MIN_ROWS) == 512
+    streamed = sinkhorn_assign(x, codes, max_bytes=1)
+    assert torch.equal(streamed, sinkhorn_assign(x, codes, chunk_size=128))
+    assert agreement(streamed, sinkhorn_assign_plain(x, codes)) >= 0.999
+
+
 def test_permutation_equivariance():
     g = torch.Generator().manual_seed(3)
     x, codes = torch.randn(120, 5, generator=g), torch.randn(30, 5, generator=g)

@@ -82,12 +82,22 @@ def _prepare(x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.
     return x.detach().float(), codes.detach().float().to(x.device)
 
 
-def _block_rows(n: int, device: torch.device, chunk_size: int | None = None) -> int:
+# Streaming sweeps take at least this many rows a block: every block is a multiply and a few
+# parallel regions, each waiting for its slowest thread, and 128-row blocks (8 MiB at 16,384 codes)
+# stalled on a core shared with another process (benchmarks/bench_contention.py). The dense sweeps
+# read a stored matrix and keep their 8 MiB blocks: 512 rows measured 0.87x quiet, 1.09x beside a
+# busy process.
+SINKHORN_MIN_ROWS = 512
+
+
+def _block_rows(n: int, device: torch.device, chunk_size: int | None = None, min_rows: int = 1) -> int:
     if chunk_size:
         return chunk_size
     # About 8 MiB of fp32 per block on CPU (stays in cache between the fused steps); larger on GPUs.
+    # ``min_rows`` stops at 64 MiB a block, so streaming over many codes stays small in memory.
+    n = max(n, 1)
     elems = 1 << 21 if device.type == "cpu" else 1 << 26
-    return max(1, elems // max(n, 1))
+    return max(1, elems // n, min(min_rows, (1 << 24) // n))
 
 
 class _Pairs:
@@ -211,7 +221,7 @@ def _sinkhorn(x, codes, epsilon, n_iters, chunk_size, max_bytes, group, workspac
     pairs = _Pairs(x, codes, group)
     n, l_local = codes.shape[0], x.shape[0]
     stream = chunk_size is not None or l_local * n * 4 > max_bytes
-    rows = _block_rows(n, x.device, chunk_size)
+    rows = _block_rows(n, x.device, chunk_size, SINKHORN_MIN_ROWS if stream else 1)
     spans = [(s, min(s + rows, l_local)) for s in range(0, l_local, rows)]
     store = workspace.matrix(min(rows, l_local) if stream else l_local, n, x.device)
 
