@@ -15,9 +15,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+from busy import run_child
 
 
 def child(rows: int, threads: int, shape: str, reps: int) -> float:
@@ -45,15 +46,8 @@ def child(rows: int, threads: int, shape: str, reps: int) -> float:
 
 
 def _run(rows: int, threads: int, busy: bool, args) -> float:
-    cmd = [sys.executable, __file__, "--child", f"{rows},{threads}", "--shape", args.shape]
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
-    try:
-        out = subprocess.run([*cmd, "--reps", str(args.reps)], capture_output=True, text=True, check=True)
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, __file__, "--child", f"{rows},{threads}", "--shape", args.shape, "--reps", str(args.reps)]
+    return run_child(cmd, 0 if busy else None)
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from busy import run_child
+
 from optvq_cli.core.workers import READER_NICE
 
 
@@ -76,16 +78,9 @@ LOADS = {
 
 def _run(threads: int, keep: bool, nice: int | None, args, layout: bool = False, compiled: bool = False) -> dict:
     spec = ",".join(str(int(v)) for v in (threads, keep, layout, compiled))
-    cmd = [sys.executable, __file__, "--child", spec, "--steps", str(args.steps)]
-    spin = f"import os; os.nice({nice}); exec('while True: pass')"
-    hog = subprocess.Popen([sys.executable, "-c", spin]) if nice is not None else None
-    try:
-        out = subprocess.run([*cmd, "--mnist", args.mnist], capture_output=True, text=True, check=True)
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(
+        [sys.executable, __file__, "--child", spec, "--steps", str(args.steps), "--mnist", args.mnist], nice
+    )
 
 
 def main() -> None:
