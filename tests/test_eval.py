@@ -84,10 +84,10 @@ def test_eval_sees_the_pixels_encode_sees(tmp_path, preprocess_reference):
 
 
 def test_list_images_is_sorted_recursive_and_skips_hidden(tmp_path):
-    for rel in ["b.png", "a/c.jpg", ".hidden/x.png", "a/.y.png", "notes.txt"]:
+    for rel in ["b.png", "ab.png", "a/c.jpg", ".hidden/x.png", "a/.y.png", "notes.txt"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    assert list_images(tmp_path) == ["a/c.jpg", "b.png"]
+    assert list_images(tmp_path) == ["a/c.jpg", "ab.png", "b.png"]  # by relative path, as ls -R
 
 
 def _flat(tmp: Path, name: str, values: dict[str, int]) -> Path:

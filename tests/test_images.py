@@ -51,6 +51,15 @@ def test_folder_is_walked_recursively_in_sorted_order_skipping_non_images_hidden
     assert problems == []
 
 
+def test_a_relative_input_folder_names_its_images_relative_to_itself(tmp_path, monkeypatch):
+    for rel in ["top.png", "sub/low.png"]:
+        _save(tmp_path / "in" / rel, _rgb())
+    monkeypatch.chdir(tmp_path / "in")
+    root, items, _ = find_inputs(Path("."))
+    assert [it.name for it in items] == ["sub/low", "top"]
+    assert [it.path.resolve() for it in items] == [tmp_path / "in/sub/low.png", tmp_path / "in/top.png"]
+
+
 def test_single_file_is_named_by_its_stem(tmp_path):
     p = _save(tmp_path / "cat.photo.png", _rgb())
     root, items, problems = find_inputs(p)

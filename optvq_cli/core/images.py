@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from optvq_cli.core.errors import UserError
-from optvq_cli.core.walk import SymlinkLoop, iter_files, relative_posix, walk_files
+from optvq_cli.core.walk import SymlinkLoop, iter_files, relative_posix, walk_relative
 
 RESAMPLE = "bicubic"  # Pillow's bicubic resize is antialiased when shrinking
 _EXIF_ORIENTATION = 0x0112
@@ -43,16 +43,16 @@ def image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
-def _walk(root: Path, exclude: list[Path], exts: set[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """(images under root, (folder, reason) for every folder that could not be listed): the one walk,
-    core.walk, with the run's own output folder excluded."""
+def _walk(root: Path, exclude: list[Path], exts: set[str]) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """((relative path, path) of the images under root, (folder, reason) for every folder that could
+    not be listed): the one walk, core.walk, with the run's own output folder excluded."""
     unreadable: list[tuple[str, str]] = []
 
     def onerror(e: OSError) -> None:
         unreadable.append((str(e.filename), f"cannot read this folder ({_os_reason(e)}); its images were skipped"))
 
     try:
-        return walk_files(root, exts, exclude, onerror), unreadable
+        return walk_relative(root, exts, exclude, onerror), unreadable
     except SymlinkLoop as e:
         raise UserError(str(e)) from None
 
@@ -118,9 +118,10 @@ def find_inputs(input: Path, exclude: Iterable[Path] = ()) -> tuple[Path, list[I
     problems: list[tuple[str, str]] = []
     if input.is_dir():
         root = input
-        paths, problems = _walk(input, [Path(p).resolve() for p in exclude], image_extensions())
-        if not paths:
+        found, problems = _walk(input, [Path(p).resolve() for p in exclude], image_extensions())
+        if not found:
             raise UserError(f"{input}: {_NO_IMAGES}")
+        return root, _named([(os.path.splitext(rel)[0], p) for rel, p in found], problems), problems
     elif input.suffix.lower() == ".txt":
         paths = []
         seen: set[Path] = set()
@@ -139,16 +140,20 @@ def find_inputs(input: Path, exclude: Iterable[Path] = ()) -> tuple[Path, list[I
     else:
         root = input.parent
         paths = [input]
+    return root, _named([(_name(p, root), p) for p in paths], problems), problems
+
+
+def _named(named: list[tuple[str, Path]], problems: list[tuple[str, str]]) -> list[ImageItem]:
+    """(output name, path) pairs as items; a second image with a name already taken is a problem."""
     items: list[ImageItem] = []
     owner: dict[str, Path] = {}
-    for p in paths:
-        name = _name(p, root)
+    for name, p in named:
         if name in owner:  # e.g. a.jpg and a.png: both would write a.npy
             problems.append((str(p), f"same output name {name!r} as {owner[name]}; rename one of them"))
             continue
         owner[name] = p
         items.append(ImageItem(p, name))
-    return root, items, problems
+    return items
 
 
 # ---------------------------------------------------------------- reading

@@ -27,7 +27,7 @@ from optvq_cli.core import dist as D
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import atomic_write, sha256_file, write_safetensors
 from optvq_cli.core.images import RESAMPLE, ImageError, Preprocess, image_extensions, read_image, read_size
-from optvq_cli.core.walk import walk_files
+from optvq_cli.core.walk import walk_relative
 from optvq_cli.core.workers import make_loader
 from optvq_cli.eval import metrics as M
 from optvq_cli.quant import ASSIGN_MODES
@@ -44,7 +44,7 @@ N_EXTREME = 10  # most / least used codes listed in the report
 
 def list_images(root: Path) -> list[str]:
     """Relative posix paths of every image under ``root``, as the one folder walk (core.walk) sees them."""
-    return [p.relative_to(root).as_posix() for p in walk_files(root, image_extensions())]
+    return [rel for rel, _ in walk_relative(root, image_extensions())]
 
 
 def _read(path: Path, resolution: int | None, mode: str) -> tuple[torch.Tensor, str]:
