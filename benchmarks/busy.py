@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 
-def run_child(cmd: list[str], nice: int | None) -> dict:
+def run_child(cmd: list[str], nice: int | None) -> Any:
     """Runs ``cmd`` (a benchmark child printing one JSON line last) with, when ``nice`` is not None,
-    a busy Python process at that niceness beside it; returns the JSON."""
+    a busy Python process at that niceness beside it; returns the decoded JSON."""
     spin = f"import os; os.nice({nice or 0}); exec('while True: pass')"
     hog = subprocess.Popen([sys.executable, "-c", spin]) if nice is not None else None
     try:

@@ -121,7 +121,7 @@ def find_inputs(input: Path, exclude: Iterable[Path] = ()) -> tuple[Path, list[I
         found, problems = _walk(input, [Path(p).resolve() for p in exclude], image_extensions())
         if not found:
             raise UserError(f"{input}: {_NO_IMAGES}")
-        return root, _named([(os.path.splitext(rel)[0], p) for rel, p in found], problems), problems
+        named = [(os.path.splitext(rel)[0], p) for rel, p in found]
     elif input.suffix.lower() == ".txt":
         paths = []
         seen: set[Path] = set()
@@ -136,11 +136,11 @@ def find_inputs(input: Path, exclude: Iterable[Path] = ()) -> tuple[Path, list[I
                 paths.append(p)
         abs_parents = [str(p.resolve().parent) for p in paths]
         root = Path(os.path.commonpath(abs_parents)) if abs_parents else input.parent
-        paths = [p.resolve() for p in paths]
+        named = [(_name(p, root), p) for p in (p.resolve() for p in paths)]
     else:
         root = input.parent
-        paths = [input]
-    return root, _named([(_name(p, root), p) for p in paths], problems), problems
+        named = [(_name(input, root), input)]
+    return root, _named(named, problems), problems
 
 
 def _named(named: list[tuple[str, Path]], problems: list[tuple[str, str]]) -> list[ImageItem]:
