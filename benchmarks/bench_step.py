@@ -48,7 +48,7 @@ def child(threads: int, keep: bool, steps: int, mnist: str, layout: bool = False
     model.train()
     if not keep:
         model.quantize.workspace = None  # sinkhorn_assign then makes a fresh matrix every call
-    for part in (model.encoder, model.decoder):  # as the training loop does with train.compile=true
+    for part in (model.encoder, model.decoder):  # as the training loop does with compile=true
         G.compile_module(part, compiled)
     x = G.channels_last(_batch(mnist, 1024), layout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -112,7 +112,7 @@ def main() -> None:
 
 def _conv_table(args) -> None:
     """The convolutions' share (about 35-40 % of a step): channels-last memory format and
-    torch.compile (inductor, as ``train.compile=true``) against the plain eager step, workspace kept."""
+    torch.compile (inductor, as the training key ``compile=true``) against the plain eager step, workspace kept."""
     threads = max(map(int, args.threads.split(",")))
     print(f"\n{threads} threads, quiet, workspace kept\n")
     print("| convolutions | steps/s | / eager | warm-up steps (compiling) | peak RSS |")
