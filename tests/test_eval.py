@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from optvq_cli.eval.run import EvalOptions, list_images, run_eval
+from optvq_cli import sources
+from optvq_cli.eval.run import EvalOptions, run_eval
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
 TOP_KEYS = {
@@ -65,7 +66,7 @@ def test_eval_sees_the_pixels_encode_sees(tmp_path, preprocess_reference):
     """Eval reads images with the model's protocol (centre square, then resized; transparency on
     white): a 60 x 30 image of three stripes keeps its green middle, and an RGBA image's
     transparent half is white, as `optvq encode` sees them."""
-    from optvq_cli.eval.run import EvalImages
+    from optvq_cli.eval.inputs import EvalImages
 
     arr = np.zeros((30, 60, 3), dtype=np.uint8)
     arr[:, :20, 0], arr[:, 20:40, 1], arr[:, 40:, 2] = 255, 255, 255
@@ -73,7 +74,7 @@ def test_eval_sees_the_pixels_encode_sees(tmp_path, preprocess_reference):
     rgba = np.zeros((16, 16, 4), dtype=np.uint8)
     rgba[:, :8] = (255, 0, 0, 255)  # opaque red left half, transparent right half
     Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
-    items = EvalImages(tmp_path, ["half.png", "stripes.png"], 16)
+    items = EvalImages(sources.find(tmp_path, unique=False).items, 16)
     _, half, err, _, _ = items[0]
     _, stripes, err2, _, _ = items[1]
     assert err == err2 == ""
@@ -81,13 +82,6 @@ def test_eval_sees_the_pixels_encode_sees(tmp_path, preprocess_reference):
     assert np.array_equal(stripes.permute(1, 2, 0).numpy(), preprocess_reference(tmp_path / "stripes.png", 16))
     assert stripes[1, :, 8].min() == 255 and stripes[0, :, 8].max() == 0  # centre column is green
     assert half[:, :, 12].min() == 255  # the transparent half is white
-
-
-def test_list_images_is_sorted_recursive_and_skips_hidden(tmp_path):
-    for rel in ["b.png", "ab.png", "a/c.jpg", ".hidden/x.png", "a/.y.png", "notes.txt"]:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"")
-    assert list_images(tmp_path) == ["a/c.jpg", "ab.png", "b.png"]  # by relative path, as ls -R
 
 
 def _flat(tmp: Path, name: str, values: dict[str, int]) -> Path:
@@ -256,7 +250,10 @@ def test_model_reconstruction_and_codebook_health(photos, tiny_model_dir, tmp_pa
     # Recompute independently with the model's own token path (encode_indices/decode_indices).
     model = load_model(str(tiny_model_dir), device="cpu")
     x = torch.stack(
-        [torch.from_numpy(preprocess_reference(photos / r)).permute(2, 0, 1) for r in list_images(photos)]
+        [
+            torch.from_numpy(preprocess_reference(it.path)).permute(2, 0, 1)
+            for it in sources.find(photos, unique=False).items
+        ]
     ).float()
     x = x / 255
     idx = model.encode_indices(x * 2 - 1, assign="sinkhorn")  # one batch of 5, as with -b 5

@@ -1,4 +1,4 @@
-"""Finding inputs, reading every kind of image Pillow opens, and the model's preprocessing."""
+"""Reading every kind of image Pillow opens, and the model's preprocessing."""
 
 from __future__ import annotations
 
@@ -9,21 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from optvq_cli.core.errors import UserError
 from optvq_cli.core.images import (
     ImageDataset,
     ImageError,
-    ImageItem,
     Placement,
     Preprocess,
     collate,
-    find_inputs,
     read_image,
     read_size,
     to_pixels,
     to_tensor,
     unpad,
 )
+from optvq_cli.sources import Item
 
 
 def _save(path: Path, image: Image.Image, **kw) -> Path:
@@ -34,66 +32,6 @@ def _save(path: Path, image: Image.Image, **kw) -> Path:
 
 def _rgb(w: int = 16, h: int = 16, color=(10, 20, 30)) -> Image.Image:
     return Image.new("RGB", (w, h), color)
-
-
-# ---------------------------------------------------------------- finding inputs
-
-
-def test_folder_is_walked_recursively_in_sorted_order_skipping_non_images_hidden_and_output(tmp_path):
-    src = tmp_path / "src"
-    for rel in ["b.png", "a.jpg", "sub/c.webp", "sub/deeper/d.bmp", ".hidden.png", ".git/e.png", "out/f.png"]:
-        _save(src / rel, _rgb())
-    (src / "notes.txt").write_text("not an image")
-    root, items, problems = find_inputs(src, exclude=[src / "out"])
-    assert root == src
-    assert [it.name for it in items] == ["a", "b", "sub/c", "sub/deeper/d"]
-    assert items[2].path == src / "sub" / "c.webp"
-    assert problems == []
-
-
-def test_a_relative_input_folder_names_its_images_relative_to_itself(tmp_path, monkeypatch):
-    for rel in ["top.png", "sub/low.png"]:
-        _save(tmp_path / "in" / rel, _rgb())
-    monkeypatch.chdir(tmp_path / "in")
-    root, items, _ = find_inputs(Path("."))
-    assert [it.name for it in items] == ["sub/low", "top"]
-    assert [it.path.resolve() for it in items] == [tmp_path / "in/sub/low.png", tmp_path / "in/top.png"]
-
-
-def test_single_file_is_named_by_its_stem(tmp_path):
-    p = _save(tmp_path / "cat.photo.png", _rgb())
-    root, items, problems = find_inputs(p)
-    assert (root, [it.name for it in items], problems) == (tmp_path, ["cat.photo"], [])
-
-
-def test_txt_list_relative_paths_comments_and_missing_files(tmp_path):
-    _save(tmp_path / "imgs/x/one.png", _rgb())
-    _save(tmp_path / "imgs/y/two.png", _rgb())
-    lst = tmp_path / "list.txt"
-    lst.write_text("# my photos\nimgs/x/one.png\n\n" + str(tmp_path / "imgs/y/two.png") + "\nimgs/gone.png\n")
-    root, items, problems = find_inputs(lst)
-    assert root == (tmp_path / "imgs").resolve()
-    assert [it.name for it in items] == ["x/one", "y/two"]
-    assert len(problems) == 1 and problems[0][0].endswith("gone.png") and "no such file" in problems[0][1]
-
-
-def test_two_inputs_with_the_same_output_name_are_reported_not_overwritten(tmp_path):
-    _save(tmp_path / "a.jpg", _rgb())
-    _save(tmp_path / "a.png", _rgb())
-    _, items, problems = find_inputs(tmp_path)
-    assert [it.path.name for it in items] == ["a.jpg"]
-    assert problems[0][0].endswith("a.png") and "same output name" in problems[0][1]
-
-
-def test_missing_input_and_empty_folder_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="no such file"):
-        find_inputs(tmp_path / "nope")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no images found"):
-        find_inputs(tmp_path / "empty")
-    (tmp_path / "blank.txt").write_text("# nothing\n")
-    with pytest.raises(UserError, match="names no images"):
-        find_inputs(tmp_path / "blank.txt")
 
 
 # ---------------------------------------------------------------- reading
@@ -252,10 +190,10 @@ def test_dataset_returns_errors_as_data_even_in_workers(tmp_path):
     bad.write_bytes(b"")
     tiny = _save(tmp_path / "tiny.png", _rgb(3, 3))
     items = [
-        ImageItem(good, "good"),
-        ImageItem(bad, "bad"),
-        ImageItem(tiny, "tiny"),
-        ImageItem(good, "again"),
+        Item("good.png", good),
+        Item("bad.png", bad),
+        Item("tiny.png", tiny),
+        Item("again.png", good),
     ]
     ds = ImageDataset(items, 3, Preprocess(16, True, 8), header_only={3})
     batches = list(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate))
@@ -270,16 +208,6 @@ def test_dataset_returns_errors_as_data_even_in_workers(tmp_path):
 # ---------------------------------------------------------------- hostile and unusual inputs
 
 
-def test_txt_list_with_a_bom_and_a_path_listed_twice(tmp_path):
-    _save(tmp_path / "a.png", _rgb())
-    _save(tmp_path / "b.png", _rgb())
-    lst = tmp_path / "list.txt"
-    lst.write_bytes("a.png\nb.png\n./a.png\n".encode("utf-8-sig"))  # Notepad's BOM before the first path
-    _, items, problems = find_inputs(lst)
-    assert [it.name for it in items] == ["a", "b"]
-    assert len(problems) == 1 and problems[0][1] == f"listed twice in {lst}; encoded once"
-
-
 def test_permission_denied_is_named_not_called_corrupt(tmp_path, monkeypatch):
     p = _save(tmp_path / "locked.png", _rgb())
 
@@ -292,26 +220,6 @@ def test_permission_denied_is_named_not_called_corrupt(tmp_path, monkeypatch):
             read()
 
 
-def test_unreadable_subfolders_are_reported(tmp_path, monkeypatch):
-    import os
-
-    _save(tmp_path / "ok" / "a.png", _rgb())
-    _save(tmp_path / "locked" / "b.png", _rgb())
-    real = os.scandir
-
-    def scandir(path="."):
-        if Path(path) == tmp_path / "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-    _, items, problems = find_inputs(tmp_path)
-    assert [it.name for it in items] == ["ok/a"]
-    assert problems == [
-        (str(tmp_path / "locked"), "cannot read this folder (permission denied); its images were skipped")
-    ]
-
-
 def test_no_crop_judges_the_size_after_resizing():
     pre = Preprocess(size=16, crop=False, multiple=8)
     # 3 x 100 px: a sliver before resizing, 16 x 533 px after: plenty of tokens
@@ -320,16 +228,3 @@ def test_no_crop_judges_the_size_after_resizing():
         Preprocess(size=16, crop=True, multiple=8).place(3, 100)  # the crop square is 3 x 3 px
     with pytest.raises(ImageError, match="resized to 4x133 px: smaller than one token"):
         Preprocess(size=4, crop=False, multiple=8).place(3, 100)
-
-
-def test_check_input_is_cheap_and_says_what_is_wrong(tmp_path):
-    from optvq_cli.core.images import check_input
-
-    (tmp_path / "empty" / "sub").mkdir(parents=True)
-    (tmp_path / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(UserError, match="no images found"):
-        check_input(tmp_path / "empty")
-    _save(tmp_path / "empty" / "out" / "a.png", _rgb())  # images only inside OUTPUT do not count
-    with pytest.raises(UserError, match="no images found"):
-        check_input(tmp_path / "empty", exclude=[tmp_path / "empty" / "out"])
-    check_input(tmp_path / "empty")  # finds out/a.png

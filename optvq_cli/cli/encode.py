@@ -192,7 +192,7 @@ def encode(
 
     Unreadable inputs are reported and skipped; the run encodes the rest, then exits 1.
     """
-    from optvq_cli.core.images import check_input
+    from optvq_cli import sources
     from optvq_cli.tokenize import pipeline as codec
 
     if layout not in _LAYOUTS:
@@ -209,7 +209,7 @@ def encode(
         fatal("--views, --labels, --retry-failed and --dtype need --layout shards")
     with _interruptible():
         codec.check_options(assign, pack, not no_crop)
-        check_input(input, exclude=[output])  # before the slow model load
+        sources.check(input, exclude=[output])  # before the slow model load
         codec.check_output_path(output)
         codec.refuse_if_busy(output)  # at once, not after the model load
         m = _load(model, revision, device, compile)
@@ -226,8 +226,8 @@ def _encode_shards(input: Path, output: Path, ref: str, revision, device: str, q
     """`encode --layout shards`: the dataset-scale job (every torchrun process runs it)."""
     import os
 
+    from optvq_cli import sources
     from optvq_cli.core import dist
-    from optvq_cli.core.images import check_input
     from optvq_cli.tokenize import extract
     from optvq_cli.tokenize import pipeline as codec
 
@@ -237,7 +237,7 @@ def _encode_shards(input: Path, output: Path, ref: str, revision, device: str, q
             shard_size=shards["shard_size"], views=shards["views"], assign=common["assign"], labels=shards["labels"],
             batch_size=common["batch_size"], workers=common["workers"],
         )  # fmt: skip
-        check_input(input, exclude=[output])
+        sources.check(input, exclude=[output])
         m = _load(ref, revision, str(dist.device_for(device)), compile)
         with _progress("encoding", quiet or not main) as (on_progress, on_failure):
             summary = extract.encode_shards(
@@ -329,12 +329,12 @@ def reconstruct(
 
     OUTPUT/manifest.json records the model and settings: a rerun with others needs --overwrite.
     """
-    from optvq_cli.core.images import check_input
+    from optvq_cli import sources
     from optvq_cli.tokenize import pipeline as codec
 
     with _interruptible():
         codec.check_options(assign)
-        check_input(input, exclude=[output])  # before the slow model load
+        sources.check(input, exclude=[output])  # before the slow model load
         codec.check_output_path(output)
         codec.refuse_if_busy(output)  # at once, not after the model load
         m = _load(model, revision, device)

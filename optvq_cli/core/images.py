@@ -1,4 +1,5 @@
-"""Images in and out: finding inputs, reading them with Pillow, the model's preprocessing, tensors.
+"""Images in and out: reading them with Pillow (from a path or an item of ``optvq_cli.sources``),
+the model's preprocessing, tensors.
 
 Reading never raises on a bad file inside a run: ``ImageDataset`` returns the reason as data, so
 one unreadable photo in a DataLoader worker does not sink its batch.
@@ -8,16 +9,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from optvq_cli.core.errors import UserError
-from optvq_cli.core.walk import SymlinkLoop, iter_files, relative_posix, walk_relative
 
 RESAMPLE = "bicubic"  # Pillow's bicubic resize is antialiased when shrinking
 _EXIF_ORIENTATION = 0x0112
@@ -29,131 +28,10 @@ class ImageError(Exception):
     """Why one input image cannot be used (reported with its path, the run goes on)."""
 
 
-@dataclass(frozen=True)
-class ImageItem:
-    """One input: where it is and its output name (path relative to the input root, no extension)."""
-
-    path: Path
-    name: str  # posix, e.g. "cats/tom" -> OUTPUT/cats/tom.npy
-
-
 def image_extensions() -> set[str]:
     """Extensions of every format Pillow can open here (".jpg", ".png", ".webp", ".tif", ...)."""
     Image.init()
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
-def _walk(root: Path, exclude: list[Path], exts: set[str]) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
-    """((relative path, path) of the images under root, (folder, reason) for every folder that could
-    not be listed): the one walk, core.walk, with the run's own output folder excluded."""
-    unreadable: list[tuple[str, str]] = []
-
-    def onerror(e: OSError) -> None:
-        unreadable.append((str(e.filename), f"cannot read this folder ({_os_reason(e)}); its images were skipped"))
-
-    try:
-        return walk_relative(root, exts, exclude, onerror), unreadable
-    except SymlinkLoop as e:
-        raise UserError(str(e)) from None
-
-
-def _os_reason(e: OSError) -> str:
-    return "permission denied" if isinstance(e, PermissionError) else (e.strerror or type(e).__name__).lower()
-
-
-def _has_image(root: Path, exclude: list[Path], exts: set[str]) -> bool:
-    """Whether the walk of ``_walk`` would find at least one image; stops at the first."""
-    try:
-        return next(iter_files(root, exts, exclude, on_error=lambda e: None), None) is not None
-    except SymlinkLoop as e:
-        raise UserError(str(e)) from None
-
-
-def _read_list(list_file: Path) -> list[Path]:
-    """A .txt of paths, one a line; relative paths are relative to the list's folder; # comments."""
-    try:
-        lines = list_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM from Windows editors
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{list_file}: cannot read the list of images ({e})") from None
-    paths = []
-    for line in lines:
-        line = line.strip()
-        if line and not line.startswith("#"):
-            p = Path(line).expanduser()
-            paths.append(p if p.is_absolute() else list_file.parent / p)
-    return paths
-
-
-def _name(path: Path, root: Path) -> str:
-    return os.path.splitext(relative_posix(path, root))[0]
-
-
-_NO_IMAGES = "no images found (looked for .jpg, .png, .webp, .bmp, .tif, .gif and the like)"
-
-
-def check_input(input: Path, exclude: Iterable[Path] = ()) -> None:
-    """The cheap part of ``find_inputs``, for before a slow model load: INPUT exists and names at
-    least one image. Raises UserError."""
-    input = Path(input)
-    if not input.exists():
-        raise UserError(f"{input}: no such file or folder; give an image, a folder of images or a .txt list")
-    if input.is_dir():
-        if not os.access(input, os.R_OK | os.X_OK):
-            raise UserError(f"{input}: cannot read this folder (permission denied)")
-        if not _has_image(input, [Path(p).resolve() for p in exclude], image_extensions()):
-            raise UserError(f"{input}: {_NO_IMAGES}")
-    elif input.suffix.lower() == ".txt" and not _read_list(input):
-        raise UserError(f"{input}: the list names no images; put one image path per line")
-
-
-def find_inputs(input: Path, exclude: Iterable[Path] = ()) -> tuple[Path, list[ImageItem], list[tuple[str, str]]]:
-    """The images named by INPUT: a file, a folder (recursive) or a .txt list of paths.
-
-    Returns (root the names are relative to, items in a stable order, problems) where problems
-    are (path, reason) for listed files that are missing, unreadable folders, and files that
-    would overwrite another's output.
-    """
-    input = Path(input)
-    check_input(input)
-    problems: list[tuple[str, str]] = []
-    if input.is_dir():
-        root = input
-        found, problems = _walk(input, [Path(p).resolve() for p in exclude], image_extensions())
-        if not found:
-            raise UserError(f"{input}: {_NO_IMAGES}")
-        named = [(os.path.splitext(rel)[0], p) for rel, p in found]
-    elif input.suffix.lower() == ".txt":
-        paths = []
-        seen: set[Path] = set()
-        for p in _read_list(input):
-            if not p.is_file():
-                what = "a folder, not an image" if p.is_dir() else "no such file"
-                problems.append((str(p), f"{what} (listed in {input})"))
-            elif p.resolve() in seen:
-                problems.append((str(p), f"listed twice in {input}; encoded once"))
-            else:
-                seen.add(p.resolve())
-                paths.append(p)
-        abs_parents = [str(p.resolve().parent) for p in paths]
-        root = Path(os.path.commonpath(abs_parents)) if abs_parents else input.parent
-        named = [(_name(p, root), p) for p in (p.resolve() for p in paths)]
-    else:
-        root = input.parent
-        named = [(_name(input, root), input)]
-    return root, _named(named, problems), problems
-
-
-def _named(named: list[tuple[str, Path]], problems: list[tuple[str, str]]) -> list[ImageItem]:
-    """(output name, path) pairs as items; a second image with a name already taken is a problem."""
-    items: list[ImageItem] = []
-    owner: dict[str, Path] = {}
-    for name, p in named:
-        if name in owner:  # e.g. a.jpg and a.png: both would write a.npy
-            problems.append((str(p), f"same output name {name!r} as {owner[name]}; rename one of them"))
-            continue
-        owner[name] = p
-        items.append(ImageItem(p, name))
-    return items
 
 
 # ---------------------------------------------------------------- reading
@@ -220,30 +98,67 @@ class ImageWarning(UserWarning):
 
 
 @contextmanager
-def _named_warnings(path: Path) -> Iterator[None]:
+def _named_warnings(name: str) -> Iterator[None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
     lines = dict.fromkeys(str(w.message).splitlines()[0] if str(w.message) else w.category.__name__ for w in caught)
     for line in lines:
-        warnings.warn(f"{path}: {line}", ImageWarning, stacklevel=3)
+        warnings.warn(f"{name}: {line}", ImageWarning, stacklevel=3)
 
 
-def read_image(path: Path, channels: int) -> Image.Image:
-    """The first frame of ``path``, EXIF orientation applied, as "RGB" or "L". Raises ImageError."""
-    with _named_warnings(path), _pillow_errors():
-        if os.path.getsize(path) == 0:
+class Openable(Protocol):
+    """An input read through the source layer (``optvq_cli.sources.Item``): its bytes, its name."""
+
+    @property
+    def display(self) -> str: ...
+
+    def open(self) -> BinaryIO: ...
+
+
+ImageInput = Path | Openable
+
+
+def display_name(src: ImageInput) -> str:
+    """How a problem names the input: its path, or its container and member."""
+    return str(src) if isinstance(src, (str, os.PathLike)) else src.display
+
+
+@contextmanager
+def _opened(src: ImageInput) -> Iterator[Path | BinaryIO]:
+    """A path as it is (Pillow opens it), or the item's bytes as an open binary file."""
+    if isinstance(src, (str, os.PathLike)):
+        yield Path(src)
+        return
+    with src.open() as f:
+        yield f
+
+
+def _is_empty(f: Path | BinaryIO) -> bool:
+    if isinstance(f, Path):
+        return os.path.getsize(f) == 0
+    here = f.tell()
+    end = f.seek(0, os.SEEK_END)
+    f.seek(here)
+    return end == here
+
+
+def read_image(src: ImageInput, channels: int) -> Image.Image:
+    """The first frame of ``src`` (a path, or an item of the source layer), EXIF orientation
+    applied, as "RGB" or "L". Raises ImageError."""
+    with _named_warnings(display_name(src)), _pillow_errors(), _opened(src) as f:
+        if _is_empty(f):
             raise ImageError("empty file (0 bytes)")
-        with Image.open(path) as im:
+        with Image.open(f) as im:
             im.seek(0)  # first frame of an animation
             im.load()  # decode now: a truncated file fails here, not later
             oriented = ImageOps.exif_transpose(im)
             return to_channels(oriented if oriented is not None else im, channels)
 
 
-def read_size(path: Path) -> tuple[int, int]:
+def read_size(src: ImageInput) -> tuple[int, int]:
     """(width, height) after EXIF orientation, from the header only (no pixel decoding)."""
-    with _named_warnings(path), _pillow_errors(), Image.open(path) as im:
+    with _named_warnings(display_name(src)), _pillow_errors(), _opened(src) as f, Image.open(f) as im:
         w, h = im.size
         if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
             w, h = h, w
@@ -385,7 +300,8 @@ class Sample:
 
 
 class ImageDataset:
-    """Map-style dataset (works with torch DataLoader workers) over ``items``.
+    """Map-style dataset (works with torch DataLoader workers) over ``items`` (paths or items of
+    the source layer).
 
     ``header_only`` holds indices whose outputs already exist: for those only the header is read,
     enough to rebuild their manifest row. Errors come back as ``Sample.error``, never raised.
@@ -393,7 +309,7 @@ class ImageDataset:
 
     def __init__(
         self,
-        items: list[ImageItem],
+        items: list[ImageInput],
         channels: int,
         preprocess: Preprocess,
         header_only: set[int] | frozenset[int] = frozenset(),
@@ -405,11 +321,11 @@ class ImageDataset:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Sample:
-        path = self.items[index].path
+        src = self.items[index]
         try:
             if index in self.header_only:
-                return Sample(index, placement=self.preprocess.place(*read_size(path)))
-            pixels, placement = self.preprocess.apply(read_image(path, self.channels))
+                return Sample(index, placement=self.preprocess.place(*read_size(src)))
+            pixels, placement = self.preprocess.apply(read_image(src, self.channels))
             return Sample(index, pixels, placement)
         except ImageError as e:
             return Sample(index, error=str(e))

@@ -37,16 +37,6 @@ def walk_relative(
     return sorted(_entries(Path(root), suffixes, exclude, on_error), key=lambda e: e[0])
 
 
-def walk_files(
-    root: str | Path,
-    suffixes: Collection[str],
-    exclude: Collection[Path] = (),
-    on_error: Callable[[OSError], None] | None = None,
-) -> list[Path]:
-    """:func:`walk_relative`'s paths alone."""
-    return [path for _, path in walk_relative(root, suffixes, exclude, on_error)]
-
-
 def _entries(root: Path, suffixes, exclude, on_error) -> Iterator[tuple[str, Path]]:
     excluded = {Path(p).resolve() for p in exclude}
 

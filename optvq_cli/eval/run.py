@@ -21,117 +21,24 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from optvq_cli import sources
 from optvq_cli.core import dist as D
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import atomic_write, sha256_file, write_safetensors
-from optvq_cli.core.images import RESAMPLE, ImageError, Preprocess, image_extensions, read_image, read_size
-from optvq_cli.core.walk import walk_relative
+from optvq_cli.core.images import RESAMPLE
 from optvq_cli.core.workers import make_loader
 from optvq_cli.eval import metrics as M
+from optvq_cli.eval.inputs import EvalImages, as_list, check_pair_sizes, list_items, pair_by_name, size_mismatch
 from optvq_cli.quant import ASSIGN_MODES
 from optvq_cli.quant.quantizer import codebook_stats
+from optvq_cli.sources import Item, Problem
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage")
 PROTOCOLS = ("optvq", "rgb")
 LPIPS_NETS = ("vgg", "alex")
 N_EXTREME = 10  # most / least used codes listed in the report
-
-
-# -- images ---------------------------------------------------------------------------------------
-
-
-def list_images(root: Path) -> list[str]:
-    """Relative posix paths of every image under ``root``, as the one folder walk (core.walk) sees them."""
-    return [rel for rel, _ in walk_relative(root, image_extensions())]
-
-
-def _read(path: Path, resolution: int | None, mode: str) -> tuple[torch.Tensor, str]:
-    """(C, H, W) uint8 and "", or an empty tensor and why the file cannot be read. With a
-    ``resolution``, the model's own protocol (images.Preprocess: centre square, resized to
-    resolution^2), so eval sees exactly what `optvq encode` feeds the model; without, the image as
-    it is (EXIF orientation applied, transparency on white)."""
-    try:
-        im = read_image(path, len(mode))
-        if resolution is None:
-            pixels = np.array(im, dtype=np.uint8)
-            pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
-        else:
-            pixels, _ = Preprocess(resolution).apply(im)
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), ""
-    except ImageError as e:  # reported by the main process with the path: one bad file, one clear line
-        return torch.zeros(0, dtype=torch.uint8), str(e)
-
-
-class EvalImages(Dataset):
-    """Item i: (i, image uint8 (C, H, W), error, other image or empty, error); images at
-    ``resolution`` x ``resolution`` (centre square, resized), or at their own size for None."""
-
-    def __init__(
-        self, root: Path, rel: list[str], resolution: int | None, mode: str = "RGB", other: list[Path] | None = None
-    ):
-        self.root, self.rel, self.resolution, self.mode, self.other = root, rel, resolution, mode, other
-
-    def __len__(self) -> int:
-        return len(self.rel)
-
-    def __getitem__(self, i: int):
-        img, err = _read(self.root / self.rel[i], self.resolution, self.mode)
-        if self.other is None:
-            return i, img, err, torch.zeros(0, dtype=torch.uint8), ""
-        oimg, oerr = _read(self.other[i], self.resolution, self.mode)
-        return i, img, err, oimg, oerr
-
-
-def _as_list(items: list) -> list:
-    """DataLoader collate that keeps items apart: images of their own size do not stack."""
-    return items
-
-
-def _size_mismatch(a: Path, size_a: tuple[int, int], b: Path, size_b: tuple[int, int]) -> str:
-    return (
-        f"{a} is {size_a[0]}x{size_a[1]} but {b} is {size_b[0]}x{size_b[1]}: compared pairs must have one size; "
-        "pass --resolution N to compare centre squares resized to N x N"
-    )
-
-
-def check_pair_sizes(data: list[Path], other: list[Path]) -> int | None:
-    """The smallest side among the pairs (None when none can be read), from the image headers.
-    Raises UserError naming both files of the first pair of different sizes. Unreadable files are
-    left to the evaluation, which reports and skips them."""
-    smallest = None
-    for a, b in zip(data, other, strict=True):
-        try:
-            size_a, size_b = read_size(a), read_size(b)
-        except ImageError:
-            continue
-        if size_a != size_b:
-            raise UserError(_size_mismatch(a, size_a, b, size_b))
-        smallest = min(size_a) if smallest is None else min(smallest, *size_a)
-    return smallest
-
-
-def pair_by_path(data: Path, rel: list[str], other: Path) -> list[Path]:
-    """For each DATA image, the OTHER image with the same relative path, extension aside."""
-    by_stem: dict[str, list[str]] = {}
-    for r in list_images(other):
-        by_stem.setdefault(str(Path(r).with_suffix("")), []).append(r)
-    out, missing = [], []
-    for r in rel:
-        cands = by_stem.get(str(Path(r).with_suffix("")), [])
-        if len(cands) > 1:
-            raise UserError(f"--against {other}: {', '.join(cands)} all pair with {r}; keep one of them")
-        if not cands:
-            missing.append(r)
-        else:
-            out.append(other / cands[0])
-    if missing:
-        raise UserError(
-            f"--against {other}: {len(missing)} of {len(rel)} images have no counterpart by relative path "
-            f"(first: {missing[0]}); pass --limit or complete the folder"
-        )
-    return out
 
 
 # -- options, state -------------------------------------------------------------------------------
@@ -301,11 +208,11 @@ def _select_metrics(opts: EvalOptions) -> list[str]:
 
 
 def _check_options(opts: EvalOptions) -> None:
-    if not opts.data.is_dir():
+    if not sources.is_collection(opts.data):
         raise UserError(f"{opts.data}: not a folder of images")
     if (opts.model is None) == (opts.against is None):
         raise UserError("give one of --model REF (reconstruct DATA) or --against OTHER (compare folders), not both")
-    if opts.against is not None and not opts.against.is_dir():
+    if opts.against is not None and not sources.is_collection(opts.against):
         raise UserError(f"--against {opts.against}: not a folder of images")
     checks = [
         (opts.protocol in PROTOCOLS, f"--protocol {opts.protocol}: use {' or '.join(PROTOCOLS)}"),
@@ -378,8 +285,9 @@ class _Job:
     resolution: int | None  # None: each pair at its own size
     mode: str  # "RGB" or "L"
     channel: str  # SSIM channel: "y" or "rgb"
-    rel: list[str]
-    other: list[Path] | None
+    items: list[Item]
+    other: list[Item] | None  # with --against: OTHER's image of each item's name
+    problems: list[Problem] = field(default_factory=list)  # what could not be listed
     nets: _Perceptual | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
     ref_meta: dict[str, str] | None = None
@@ -406,16 +314,6 @@ def _load_model(opts: EvalOptions, device: torch.device):
     return model
 
 
-def _images(opts: EvalOptions) -> tuple[list[str], list[Path] | None]:
-    rel = list_images(opts.data)
-    if not rel:
-        raise UserError(f"{opts.data}: no images found (looked for {', '.join(sorted(image_extensions())[:6])}, ...)")
-    if opts.limit is not None:
-        rel = rel[: opts.limit]
-    other = pair_by_path(opts.data, rel, opts.against) if opts.against is not None else None
-    return rel, other
-
-
 def _prepare(opts: EvalOptions, log: Callable[[str], None]) -> _Job:
     _check_options(opts)
     wanted = _select_metrics(opts)
@@ -424,16 +322,15 @@ def _prepare(opts: EvalOptions, log: Callable[[str], None]) -> _Job:
     resolution = opts.resolution or (model.config.resolution if model is not None else None)
     mode = "L" if model is not None and model.config.in_channels == 1 else "RGB"
     channel = "y" if opts.protocol == "optvq" and mode == "RGB" else "rgb"  # one grey channel is its own luma
-    rel, other = _images(opts)
-    job = _Job(opts, wanted, device, model, resolution, mode, channel, rel, other)
-    smallest = (
-        resolution if other is None or resolution is not None else check_pair_sizes([opts.data / r for r in rel], other)
-    )
+    items, problems = list_items(opts.data, opts.limit)
+    other = pair_by_name(items, opts.against) if opts.against is not None else None
+    job = _Job(opts, wanted, device, model, resolution, mode, channel, items, other, problems)
+    smallest = resolution if other is None or resolution is not None else check_pair_sizes(items, other)
     job.unavailable = _too_small(wanted, smallest, opts.lpips_net)
     job.nets = _Perceptual(opts, [m for m in wanted if m not in job.unavailable], device, log)
     job.unavailable.update(job.nets.unavailable)
     if job.nets.inception is not None:
-        job.ref_meta = _fingerprint(rel, resolution, job.nets.sha["rfid"], mode)
+        job.ref_meta = _fingerprint([it.rel for it in items], resolution, job.nets.sha["rfid"], mode)
         if opts.ref_stats is not None and opts.ref_stats.is_file():
             job.ref_loaded = load_ref_stats(opts.ref_stats, job.ref_meta)
             log(f"reference statistics from {opts.ref_stats}")
@@ -478,17 +375,18 @@ def _readable(job: _Job, items: list, sums: Sums, on_skip: Skip) -> list[tuple[t
     """The (image, other image) pairs of a batch that could be read; the rest reported and skipped."""
     good = []
     for i, img, err, oimg, oerr in items:
-        bad = [(job.opts.data / job.rel[i], err)] if err else []
-        if oerr and job.other[i] != job.opts.data / job.rel[i]:  # DATA against itself: one line per file
-            bad.append((job.other[i], oerr))
+        name = job.items[i].display
+        bad = [(name, err)] if err else []
+        if oerr and job.other[i].display != name:  # DATA against itself: one line per file
+            bad.append((job.other[i].display, oerr))
         for path, why in bad:
-            sums.failed.append((str(path), why))
-            on_skip(str(path), why)
+            sums.failed.append((path, why))
+            on_skip(path, why)
         if bad:
             continue
         if job.other is not None and img.shape != oimg.shape:  # the headers said one size, the pixels another
             size = lambda t: (t.shape[2], t.shape[1])  # noqa: E731
-            raise UserError(_size_mismatch(job.opts.data / job.rel[i], size(img), job.other[i], size(oimg)))
+            raise UserError(size_mismatch(name, size(img), job.other[i].display, size(oimg)))
         good.append((img, oimg))
     return good
 
@@ -535,10 +433,10 @@ def _accumulate(job: _Job, sums: Sums, x01: torch.Tensor, y01: torch.Tensor) -> 
 
 def _loader(job: _Job, rank: int, world_size: int) -> tuple[DataLoader, int]:
     """This process's batches (batch i goes to rank i mod world size) and how many images they hold."""
-    n, b = len(job.rel), job.opts.batch_size
+    n, b = len(job.items), job.opts.batch_size
     mine = [list(range(i, min(i + b, n))) for i in range(0, n, b)][rank::world_size]
-    dataset = EvalImages(job.opts.data, job.rel, job.resolution, job.mode, job.other)
-    loader = make_loader(dataset, mine, job.opts.workers, _as_list, pin_memory=job.device.type == "cuda")
+    dataset = EvalImages(job.items, job.resolution, job.mode, job.other)
+    loader = make_loader(dataset, mine, job.opts.workers, as_list, pin_memory=job.device.type == "cuda")
     return loader, sum(len(x) for x in mine)
 
 
@@ -578,6 +476,10 @@ def run_eval(
     rank, world_size = world()
     loader, total = _loader(job, rank, world_size)
     sums, samples = _evaluate(job, loader, total, progress, on_skip)
+    if rank == 0:  # folders that could not be listed: failures, counted once
+        for path, why in job.problems:
+            sums.failed.append((path, why))
+            on_skip(path, why)
     if world_size > 1:
         sums = _reduce(sums)
     report = _report(job, sums, world_size)

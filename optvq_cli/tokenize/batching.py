@@ -21,7 +21,6 @@ import numpy as np
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.images import (
     ImageDataset,
-    ImageItem,
     Preprocess,
     Sample,
     batch_to_tensor,
@@ -31,6 +30,7 @@ from optvq_cli.core.images import (
 )
 from optvq_cli.core.workers import default_workers, make_loader
 from optvq_cli.quant import ASSIGN_MODES
+from optvq_cli.sources import Item
 
 Progress = Callable[[int, int, int], None]  # (images finished so far, total, how many of those were already done)
 OnFailure = Callable[[str, str], None]  # (path, reason)
@@ -45,13 +45,6 @@ def canonical_ref(ref: str) -> str:
 
 def workers_or_default(workers: int | None) -> int:
     return default_workers() if workers is None else workers
-
-
-def relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 @dataclass
@@ -177,7 +170,7 @@ class Batch:
 
 
 def encoded_batches(
-    model: Any, items: list[ImageItem], pre: Preprocess, assign: str, batch_size: int, workers: int
+    model: Any, items: list[Item], pre: Preprocess, assign: str, batch_size: int, workers: int
 ) -> Iterator[Batch]:
     """``items`` read in workers and encoded in batches of ``batch_size``, in order."""
     import torch

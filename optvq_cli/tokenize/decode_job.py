@@ -12,6 +12,7 @@ import numpy as np
 
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.images import unpad
+from optvq_cli.sources import file_identity
 from optvq_cli.tokenize import tokens as tk
 from optvq_cli.tokenize.batching import (
     OnFailure,
@@ -24,7 +25,7 @@ from optvq_cli.tokenize.batching import (
     png_writer,
     workers_or_default,
 )
-from optvq_cli.tokenize.outputs import DECODE_FORMAT, Output, same_source, source_identity
+from optvq_cli.tokenize.outputs import DECODE_FORMAT, Output, same_source
 from optvq_cli.tokenize.token_sources import (
     TokenSource,
     check_tokens_input,
@@ -164,7 +165,7 @@ class _Decoder:
         if problem:
             run.fail(src.label, problem)
             return
-        identity = source_identity(src.path)
+        identity = file_identity(src.path)
         row = {"name": src.name, "source": str(src.path.resolve()), **(identity or {})}
         if src.packed_index is not None:
             row["index"] = src.packed_index

@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from optvq_cli import sources
 from optvq_cli.core.errors import UserError
-from optvq_cli.core.images import ImageItem, Placement, Preprocess, find_inputs
+from optvq_cli.core.images import Placement, Preprocess
+from optvq_cli.sources import Item
 from optvq_cli.tokenize import tokens as tk
 from optvq_cli.tokenize.batching import (
     OnFailure,
@@ -22,10 +24,9 @@ from optvq_cli.tokenize.batching import (
     check_options,
     encoded_batches,
     make_preprocess,
-    relative,
     workers_or_default,
 )
-from optvq_cli.tokenize.outputs import Output, same_source, source_identity
+from optvq_cli.tokenize.outputs import Output, same_source
 
 _SETTINGS = ("preprocess", "assign", "batch_size", "layout", "dtype")  # batch_size: sinkhorn only
 
@@ -46,7 +47,7 @@ class _Job:
     model: Any
     out: Output
     root: Path
-    items: list[ImageItem]
+    items: list[Item]
     header: dict
     pre: Preprocess
     assign: str
@@ -55,8 +56,8 @@ class _Job:
     overwrite: bool
 
     def __post_init__(self) -> None:
-        self.sources = [relative(it.path, self.root) for it in self.items]
-        self.identities = [source_identity(it.path) for it in self.items]
+        self.sources = [it.source_name(self.root) for it in self.items]
+        self.identities = [it.identity() for it in self.items]
         self.rows: list[dict | None] = [None] * len(self.items)
 
     def row(self, i: int, placement: Placement) -> dict:
@@ -131,7 +132,8 @@ def encode(
     out = Output(output, tk.FORMAT, ".npy", "tokens")
     pre = make_preprocess(model, size, crop)
     _check_list_apart_from_output(input, output)
-    root, items, problems = find_inputs(input, exclude=[output])
+    found = sources.find(input, exclude=[output])
+    root, items, problems = found.root, found.items, found.problems
     out.refuse_holding([it.path for it in items])
     header = _header(model, model_ref, revision, pre, assign, batch_size, pack, root)
     targets = {tk.PACKED, tk.PATHS} if pack else {f"{it.name}.npy" for it in items}
@@ -186,7 +188,7 @@ def _encode_todo(job: _Job, todo: list[int], run: Run) -> None:
                 run.summary.written += 1
             run.advance(len(group))
         for s in batch.failed:
-            run.fail(str(job.items[todo[s.index]].path), s.error)
+            run.fail(job.items[todo[s.index]].display, s.error)
 
 
 def _packed_is_complete(job: _Job, existing: dict | None) -> bool:
@@ -222,7 +224,7 @@ def _encode_packed(job: _Job, existing: dict | None, run: Run) -> None:
                     run.summary.written += 1
                 run.advance(len(group))
             for s in batch.failed:
-                run.fail(str(job.items[s.index].path), s.error)
+                run.fail(job.items[s.index].display, s.error)
         written = _write_packed(job, grids)
     except BaseException:
         job.out.finish(doc(False))
@@ -238,7 +240,7 @@ def _write_packed(job: _Job, grids: dict[int, np.ndarray]) -> bool:
     if len(shapes) > 1:  # cannot happen with a centre crop (check_options refuses --pack --no-crop)
         odd = next(i for i in order if grids[i].shape != grids[order[0]].shape)
         raise UserError(
-            f"{job.items[odd].path}: its token grid {grids[odd].shape} differs from {grids[order[0]].shape}; "
+            f"{job.items[odd].display}: its token grid {grids[odd].shape} differs from {grids[order[0]].shape}; "
             "--pack needs one grid size for all images"
         )
     job.out.write(tk.PACKED, npy_writer(np.stack([grids[i] for i in order])))

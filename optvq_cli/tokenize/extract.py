@@ -14,7 +14,6 @@ checks the folder, and writes the index once every rank is done.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import time
@@ -26,17 +25,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from optvq_cli import sources
 from optvq_cli.core import dist
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import atomic_write_text
-from optvq_cli.core.images import ImageError, Preprocess, find_inputs, read_image
+from optvq_cli.core.images import ImageError, Preprocess, read_image
 from optvq_cli.core.lock import folder_lock
 from optvq_cli.core.workers import default_workers, make_loader
 from optvq_cli.quant import ASSIGN_MODES
 from optvq_cli.tokenize import tokens as tk
 from optvq_cli.tokenize.batching import full_fp32, make_preprocess
 from optvq_cli.tokenize.dataset import MANIFEST
-from optvq_cli.tokenize.shards import NO_LABEL, SHARD_FORMAT, Shard, ShardRows, shard_name, write_shard
+from optvq_cli.tokenize.shards import SHARD_FORMAT, Shard, ShardRows, shard_name, write_shard
 
 DEFAULT_SHARD_SIZE = 10_000
 CROPS = ("tl", "tr", "bl", "br", "center")
@@ -134,77 +134,6 @@ def _ten_crop(im: Image.Image, pre: Preprocess) -> tuple[np.ndarray, list[list[i
     return np.stack([_pad(p, pre.multiple) for p in crops + flips]), boxes + boxes
 
 
-# ---------------------------------------------------------------- labels
-
-
-def _label_file(path: Path, root: Path) -> dict[str, Any]:
-    """{relative path: label} from a CSV (``path,label`` rows, a header row allowed) or a JSON object."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the labels ({e})") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not JSON ({e}); give an object {{path: label}}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: give a JSON object {{path: label}}")
-        pairs = list(data.items())
-    else:
-        rows = [r for r in csv.reader(text.splitlines()) if r and not r[0].startswith("#")]
-        if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
-            rows = rows[1:]
-        bad = next((i for i, r in enumerate(rows) if len(r) != 2), None)
-        if bad is not None:
-            raise UserError(f"{path}: row {bad + 1} is not `path,label`")
-        pairs = [(r[0].strip(), r[1].strip()) for r in rows]
-    out = {}
-    for key, label in pairs:
-        p = Path(key)
-        rel = p.resolve().relative_to(root.resolve()).as_posix() if p.is_absolute() else p.as_posix()
-        out[rel] = label
-    return out
-
-
-def _int_label(v: Any) -> int | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str) and v.lstrip("-").isdigit():
-        return int(v)
-    return None
-
-
-def assign_labels(
-    rels: list[str], root: Path, is_folder: bool, labels: Path | None
-) -> tuple[list[int], list[str] | None, str]:
-    """(label per image, class names or None, where the labels came from). Class folders
-    (INPUT/<class>/<image>) number the sorted class names; a labels file gives integers as they
-    are, names numbered in sorted order; otherwise every label is -1."""
-    if labels is not None:
-        table = _label_file(Path(labels), root)
-        missing = [r for r in rels if r not in table]
-        if missing:
-            raise UserError(
-                f"{labels}: no label for {len(missing)} image(s) (first: {missing[0]}); "
-                "give every image a label, by its path relative to INPUT"
-            )
-        values = [table[r] for r in rels]
-        ints = [_int_label(v) for v in values]
-        if all(i is not None and i >= NO_LABEL for i in ints):  # -1: this image has no label
-            return ints, None, f"file {Path(labels).name}"  # type: ignore[return-value]
-        classes = sorted({str(v) for v in values})
-        number = {c: i for i, c in enumerate(classes)}
-        return [number[str(v)] for v in values], classes, f"file {Path(labels).name}"
-    if is_folder and rels and all(r.count("/") == 1 for r in rels):
-        classes = sorted({r.split("/", 1)[0] for r in rels})
-        number = {c: i for i, c in enumerate(classes)}
-        return [number[r.split("/", 1)[0]] for r in rels], classes, "class folders"
-    return [NO_LABEL] * len(rels), None, "none"
-
-
 # ---------------------------------------------------------------- the plan
 
 
@@ -270,15 +199,15 @@ class _ViewDataset:
     """Input ``pos`` -> its views' pixels; a bad image comes back as ``error``, never raised, so
     one corrupt file in a DataLoader worker does not sink its batch."""
 
-    def __init__(self, paths: list[Path], channels: int, pre: Preprocess, views: Sequence[str]):
-        self.paths, self.channels, self.pre, self.views = paths, channels, pre, tuple(views)
+    def __init__(self, items: list[sources.Item], channels: int, pre: Preprocess, views: Sequence[str]):
+        self.items, self.channels, self.pre, self.views = items, channels, pre, tuple(views)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, pos: int) -> _Sample:
         try:
-            im = read_image(self.paths[pos], self.channels)
+            im = read_image(self.items[pos], self.channels)
             pixels, boxes = render_views(im, self.pre, self.views)
             return _Sample(pos, pixels, im.size, boxes)
         except ImageError as e:
@@ -660,17 +589,17 @@ class _Inputs:
     """The sorted input list as the plan sees it."""
 
     root: Path
-    paths: list[Path]
-    rels: list[str]  # relative to root, with the extension: the shards' path column
+    items: list[sources.Item]
+    rels: list[str]  # relative to root, with the extension (or SHARD/member): the shards' path column
     labels: list[int]
     problems: list[tuple[str, str]]  # inputs that could not be planned (missing, unreadable folders)
 
 
 def _inputs(input: Path, output: Path, labels: Path | None) -> tuple[_Inputs, list[str] | None, str]:
-    root, items, problems = find_inputs(input, exclude=[output])
-    rels = [it.name + it.path.suffix for it in items]  # the name is the relative path less its suffix
-    lab, classes, source = assign_labels(rels, root, input.is_dir(), labels)
-    return _Inputs(root, [it.path for it in items], rels, lab, problems), classes, source
+    found = sources.find(input, exclude=[output])
+    lab, classes, source = sources.assign_labels(found, labels)
+    rels = [it.rel for it in found.items]
+    return _Inputs(found.root, found.items, rels, lab, found.problems), classes, source
 
 
 def _gather_errors(error: BaseException | None, then: Callable[[], None] | None = None) -> None:
@@ -782,7 +711,7 @@ def _encode_mine(
     dtype = tk.uint_dtype(int(model.quantize.n_codes))
     empty = np.zeros((0, heads, grid, grid), dtype)
     encoder = _Encoder(model, opts["assign"], dtype, len(views))
-    dataset = _ViewDataset(inp.paths, int(model.config.in_channels), pre, views)
+    dataset = _ViewDataset(inp.items, int(model.config.in_channels), pre, views)
     began = time.perf_counter()
 
     def on_batch(ok: int, bad: list[_Sample], waited: float) -> None:
@@ -792,7 +721,7 @@ def _encode_mine(
         summary.wait_seconds = waited
         for s in bad:
             if on_failure:
-                on_failure(str(inp.paths[s.pos]), s.error)
+                on_failure(inp.items[s.pos].display, s.error)
         if progress:
             share = summary.wait_seconds / max(time.perf_counter() - began, 1e-9)
             progress(done, total, summary.skipped, f"device waited {share:.0%}")

@@ -39,17 +39,6 @@ _FORMAT_FIELD = re.compile(rb'"format"\s*:\s*"([^"]*)"')
 IDENTITY = ("source_size", "source_mtime_ns")
 
 
-def source_identity(path: Path) -> dict[str, int] | None:
-    """What a row records of its source: size and mtime (ns); None when it cannot be read. A
-    changed source gets its output redone; hashing the contents instead would read every input
-    again on each rerun."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
-
-
 def same_source(row: dict | None, source: str, identity: dict[str, int] | None, input: str | None) -> bool:
     """Whether ``row`` (of a kept output) was made from the file ``source`` as it is now. Relative
     sources are relative to ``input``, the run's INPUT (``kept`` made an earlier INPUT's absolute)."""

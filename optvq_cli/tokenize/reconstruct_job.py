@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from optvq_cli import sources
 from optvq_cli.core.errors import UserError
-from optvq_cli.core.images import ImageItem, Preprocess, find_inputs, unpad
+from optvq_cli.core.images import Preprocess, unpad
+from optvq_cli.sources import Item
 from optvq_cli.tokenize import tokens as tk
 from optvq_cli.tokenize.batching import (
     OnFailure,
@@ -24,10 +26,9 @@ from optvq_cli.tokenize.batching import (
     encoded_batches,
     make_preprocess,
     png_writer,
-    relative,
     workers_or_default,
 )
-from optvq_cli.tokenize.outputs import Output, same_source, source_identity
+from optvq_cli.tokenize.outputs import Output, same_source
 
 _SETTINGS = ("preprocess", "assign", "batch_size", "side_by_side")
 
@@ -101,7 +102,8 @@ def reconstruct(
     out = Output(output, tk.RECONSTRUCT_FORMAT, ".png", "reconstructions")
     pre = make_preprocess(model, size, crop)
     out.refuse_inside(input)
-    root, items, problems = find_inputs(input, exclude=[output])
+    found = sources.find(input, exclude=[output])
+    root, items, problems = found.root, found.items, found.problems
     out.refuse_holding([it.path for it in items])
     _refuse_links_to_inputs(output, items)
     header = _header(model, model_ref, revision, pre, assign, batch_size, side_by_side, root)
@@ -115,7 +117,7 @@ def reconstruct(
     return run.finish()
 
 
-def _refuse_links_to_inputs(output: Path, items: list[ImageItem]) -> None:
+def _refuse_links_to_inputs(output: Path, items: list[Item]) -> None:
     """A symlink inside OUTPUT may still lead back to an input."""
     if not output.is_dir():
         return
@@ -132,15 +134,15 @@ class _Reconstruction:
         model: Any,
         out: Output,
         root: Path,
-        items: list[ImageItem],
+        items: list[Item],
         header: dict,
         overwrite: bool,
         existing: dict | None,
     ):
         self.model, self.out, self.root, self.items, self.header = model, out, root, items, header
         self.overwrite, self.existing = overwrite, existing
-        self.sources = [relative(it.path, root) for it in items]
-        self.identities = [source_identity(it.path) for it in items]
+        self.sources = [it.source_name(root) for it in items]
+        self.identities = [it.identity() for it in items]
         kept = {} if overwrite else {k: _renamed(r) for k, r in out.kept(existing, header).items()}
         self.rows: list[dict | None] = [None] * len(items)
         self.todo = []
@@ -170,7 +172,7 @@ class _Reconstruction:
                     for group, indices in batch.groups:
                         self._write_group(group, indices, writer, run, side_by_side)
                     for s in batch.failed:
-                        run.fail(str(todo_items[s.index].path), s.error)
+                        run.fail(todo_items[s.index].display, s.error)
             finally:
                 writer.close()  # the PNGs already handed to the writer are finished, even on Ctrl-C
         except BaseException:

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from optvq_cli.core.fileio import write_safetensors
+from optvq_cli.sources.labels import NO_LABEL  # noqa: F401 - the label column's "no label"
 
 SHARD_DIR = "shards"
 SHARD_FORMAT = 1
 COLUMNS = ("tokens", "label", "view", "size", "crop", "path_bytes", "path_offsets")
-NO_LABEL = -1
 
 
 @dataclass

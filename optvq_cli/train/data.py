@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from optvq_cli import sources
 from optvq_cli.core import workers as W
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.fileio import load_numpy_pickle, offline
-from optvq_cli.core.images import RESAMPLE, ImageError, image_extensions, read_image
-from optvq_cli.core.walk import walk_files
+from optvq_cli.core.images import RESAMPLE, ImageError, ImageInput, display_name, image_extensions, read_image
 
 log = logging.getLogger("optvq")
 
@@ -115,12 +115,13 @@ def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Image files read per item, as ``size`` x ``size`` crops: random-resized crops and flips when
-    ``augment``, else the centre square (shorter side resized to ``size``). Items are ``(epoch, index)``."""
+    """Images (paths, or items of the source layer) read per item, as ``size`` x ``size`` crops:
+    random-resized crops and flips when ``augment``, else the centre square (shorter side resized
+    to ``size``). Items are ``(epoch, index)``."""
 
     def __init__(
         self,
-        paths: list[Path],
+        paths: list[ImageInput],
         channels: int,
         size: int,
         augment: bool,
@@ -145,7 +146,7 @@ class FolderImages(torch.utils.data.Dataset):
             except ImageError as e:
                 if i not in self._warned:
                     self._warned.add(i)
-                    log.warning(f"warning: {self.paths[i]}: {e}; using another image in its place")
+                    log.warning(f"warning: {display_name(self.paths[i])}: {e}; using another image in its place")
         raise UserError(f"{self.name}: none of the {len(self.paths)} images can be read")
 
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
@@ -251,7 +252,11 @@ def find_cifar(root: Path) -> tuple[list[Path], Path | None] | None:
 
 
 def detect_kind(root: Path) -> str:
-    """``auto``: idx files -> mnist, CIFAR batches -> cifar10, else a folder of images."""
+    """``auto``: idx files -> mnist, CIFAR batches -> cifar10, else images through the source layer
+    (a folder, or an input a registered kind recognises)."""
+    kind = sources.kind_of(root)
+    if kind is not None and not kind.fallback:
+        return "folder"
     if find_idx(root) is not None:
         return "mnist"
     if root.is_dir() and find_cifar(root) is not None:
@@ -375,9 +380,16 @@ def _small_dataset(
     return Splits(ArrayImages(tr, f"{kind} train"), ArrayImages(va, f"{kind} val"), kind, desc)
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """The one folder walk (core.walk): the images `encode` and `eval` see in the same folder."""
-    return walk_files(folder, image_extensions())
+def _list_images(input: Path) -> list[sources.Item]:
+    """The images `encode` and `eval` see in the same INPUT (the source layer); none: []. What
+    cannot be listed is logged and left out."""
+    try:
+        found = sources.find(input, unique=False)
+    except sources.NoImages:
+        return []
+    for path, why in found.problems:
+        log.warning(f"warning: {path}: {why}")
+    return found.items
 
 
 def _folder_dataset(
@@ -390,7 +402,7 @@ def _folder_dataset(
     val_size: int | None,
     val_fraction: float,
 ) -> Splits:
-    if not root.is_dir():
+    if not sources.is_collection(root):
         raise UserError(f"--data {root}: no such folder; give a folder of images (searched recursively)")
     val_dir = next((root / d for d in ("val", "validation") if (root / d).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:  # ImageNet's layout: train/<class>/, val/
@@ -441,7 +453,7 @@ def open_splits(
     if not str(path):
         raise UserError("no training data: pass --data PATH (a folder of images, MNIST idx files or CIFAR-10)")
     if kind == "auto":
-        if not root.exists():
+        if not root.exists() and sources.kind_of(root) is None:
             raise UserError(f"--data {root}: no such file or folder")
         if root.is_file() and root.suffix.lower() in image_extensions():
             raise UserError(f"--data {root}: one image is not a training set; --data takes {DATA_KINDS}")
