@@ -22,7 +22,7 @@ from PIL import Image
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.lock import FolderBusy, folder_lock
 from optvq_cli.model import load_model
-from optvq_cli.tokenize import extract
+from optvq_cli.tokenize import extract, shard_batches, views
 from optvq_cli.tokenize.dataset import TokenDataset, describe_output, verify_output
 from optvq_cli.tokenize.extract import encode_shards
 from optvq_cli.tokenize.shards import Shard, shard_name
@@ -222,7 +222,7 @@ def test_tencrop_views_are_the_corner_and_centre_crops(tmp_path, model):
     _encode(model, src, tmp_path / "ten", views="tencrop")
     _encode(model, crops, tmp_path / "ref")
     ten, ref = TokenDataset(tmp_path / "ten"), TokenDataset(tmp_path / "ref")
-    assert ten.views == list(extract.VIEW_SETS["tencrop"]) and len(ten) == 10
+    assert ten.views == list(views.VIEW_SETS["tencrop"]) and len(ten) == 10
     ref_names = sorted(f"{n}{s}" for n in corners for s in ("", "_flip"))  # the walk's sorted order
     for v, view in enumerate(ten.views):
         assert torch.equal(ten[v][0], ref[ref_names.index(view)][0]), view
@@ -262,7 +262,7 @@ def test_a_finished_run_reads_no_image_again(tmp_path, model, monkeypatch):
     def no_reading(*a, **k):
         raise AssertionError("an image was read")
 
-    monkeypatch.setattr(extract, "read_image", no_reading)
+    monkeypatch.setattr(shard_batches, "read_image", no_reading)
     calls = []
     summary = _encode(model, src, out, shard_size=4, progress=lambda *a: calls.append(a))
     assert (summary.written, summary.skipped, summary.shards_skipped) == (0, 6, 2)
@@ -327,13 +327,13 @@ _SLOW_RUN = """
 import sys, time
 from pathlib import Path
 from optvq_cli.model import load_model
-from optvq_cli.tokenize import extract
+from optvq_cli.tokenize import extract, shard_batches
 
-call = extract._Encoder.__call__
+call = shard_batches.Encoder.__call__
 def slow(self, pixels):  # time to be killed between two shards
     time.sleep(0.3)
     return call(self, pixels)
-extract._Encoder.__call__ = slow
+shard_batches.Encoder.__call__ = slow
 model = load_model(sys.argv[1], device="cpu")
 extract.encode_shards(model, Path(sys.argv[2]), Path(sys.argv[3]), shard_size=2, batch_size=1, workers=0)
 """
@@ -366,8 +366,8 @@ def _rank(rank: int, world: int, init_file: str, model_dir: str, src: str, out: 
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     if rank == 1:  # the last rank to finish a shard: rank 0 must wait for it before the index
-        call = extract._Encoder.__call__
-        extract._Encoder.__call__ = lambda self, pixels: (time.sleep(0.5), call(self, pixels))[1]
+        call = shard_batches.Encoder.__call__
+        shard_batches.Encoder.__call__ = lambda self, pixels: (time.sleep(0.5), call(self, pixels))[1]
     model = load_model(model_dir, device="cpu")
     summary = encode_shards(model, Path(src), Path(out), shard_size=2, views="center,flip", workers=0)
     Path(out, f"summary{rank}.json").write_text(json.dumps([summary.written, summary.shards_written]))
