@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from optvq_cli import sources
-from optvq_cli.eval.run import EvalOptions, run_eval
+from optvq_cli.eval.options import EvalOptions
+from optvq_cli.eval.run import run_eval
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
 TOP_KEYS = {

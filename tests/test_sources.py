@@ -281,7 +281,8 @@ def test_encode_in_both_layouts_and_reconstruct_read_a_registered_kind(tmp_path,
 
 
 def test_eval_and_train_read_a_registered_kind(tmp_path, strip_kind, tiny_model_dir, invoke):
-    from optvq_cli.eval.run import EvalOptions, run_eval
+    from optvq_cli.eval.options import EvalOptions
+    from optvq_cli.eval.run import run_eval
     from optvq_cli.train.data import open_splits
 
     write_strip(tmp_path / "set.strip", 6)

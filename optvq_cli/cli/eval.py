@@ -135,7 +135,7 @@ _PASSED += ("assign", "revision", "ref_stats", "lpips_weights", "inception_weigh
 
 
 def _check_outputs(model, chosen, json_path: Path | None, plot: Path | None, samples: Path | None, overwrite: bool):
-    from optvq_cli.eval.run import world
+    from optvq_cli.eval.sums import world
 
     if plot is not None and (model is None or (chosen is not None and "usage" not in chosen)):
         fatal("--plot needs --model and the usage metric (it shows the model's codebook usage)")
@@ -145,7 +145,8 @@ def _check_outputs(model, chosen, json_path: Path | None, plot: Path | None, sam
 
 def _run(opts):
     """The evaluation with a progress bar and skipped-image lines; the result on the first process only."""
-    from optvq_cli.eval.run import run_eval, world
+    from optvq_cli.eval.run import run_eval
+    from optvq_cli.eval.sums import world
 
     main = world()[0] == 0
     with ProgressBar("evaluating", console, enabled=main and console.is_terminal) as bar:
@@ -156,7 +157,7 @@ def _run(opts):
 def _finish(result, json_path: Path | None, plot: Path | None, samples: Path | None) -> None:
     """Write the requested files, print the report, and exit 1 if any image was skipped."""
     from optvq_cli.core.fileio import atomic_write
-    from optvq_cli.eval.run import save_sample_grid, save_usage_plot
+    from optvq_cli.eval.pictures import save_sample_grid, save_usage_plot
 
     report = result.report
     if json_path is not None:
@@ -205,7 +206,7 @@ def eval_(
     `torchrun --nproc_per_node N -m optvq_cli eval ...` shards the images; the figures equal one process's.
     """
     given = dict(locals())  # first: the options by name, nothing else yet
-    from optvq_cli.eval.run import EvalOptions, parse_metrics
+    from optvq_cli.eval.options import EvalOptions, parse_metrics
 
     chosen = parse_metrics(metrics)
     if model is None and against is None:
