@@ -19,10 +19,9 @@ from optvq_cli.train.data import (
     FolderImages,
     open_splits,
     random_resized_box,
-    read_cifar_batch,
-    read_idx_images,
     val_batches,
 )
+from optvq_cli.train.small_sets import read_cifar_batch, read_idx_images
 
 
 def write_idx(path: Path, images: np.ndarray, gz: bool = False) -> Path:
