@@ -1,4 +1,5 @@
-"""`optvq tokens info|verify PATH`: what an encode OUTPUT holds, and whether all of it reads back."""
+"""`optvq tokens info|verify|export`: what an encode OUTPUT holds, whether all of it reads back, and
+its rows as one Parquet or WebDataset file."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import typer
 
 from optvq_cli.cli.app import app, console, fatal
 
-tokens_app = typer.Typer(name="tokens", help="Inspect and check an `optvq encode` OUTPUT.", no_args_is_help=True)
+tokens_app = typer.Typer(
+    name="tokens", help="Inspect, check and export an `optvq encode` OUTPUT.", no_args_is_help=True
+)
 app.add_typer(tokens_app, name="tokens")
 
 
@@ -51,3 +54,25 @@ def verify(path: Path = typer.Argument(..., help="The OUTPUT folder of `optvq en
         fatal(f"{path}: {len(problems)} problem(s); encode the affected images again (--overwrite)")
     d = describe_output(path)
     typer.echo(f"ok: {d['rows']} rows in {d['path']} read back, every index inside the codebook")
+
+
+@tokens_app.command()
+def export(
+    tokens: Path = typer.Argument(..., help="The OUTPUT folder of `optvq encode`."),
+    out: Path = typer.Argument(..., help="The file to write: NAME.parquet, or NAME.tar for --format webdataset."),
+    format: str = typer.Option("parquet", "--format", help="parquet (datasets, pandas, polars) or webdataset."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT when an earlier export wrote it."),
+    push_to_hub: str = typer.Option(
+        None, "--push-to-hub", help="Then upload OUT to this Hugging Face dataset repository (ORG/NAME)."
+    ),
+) -> None:
+    """Write the token rows (tokens as a fixed-size integer list, label, path, view) as one file
+    generator code loads without optvq; optionally upload it as a Hugging Face dataset."""
+    from optvq_cli.tokenize.export_tokens import check_export, export_tokens
+    from optvq_cli.tokenize.export_tokens import push_to_hub as push
+
+    check_export(tokens, out, format, overwrite, push_to_hub)
+    done = export_tokens(tokens, out, format, overwrite)
+    typer.echo(f"{done['file']}: {done['rows']} rows, tokens {'x'.join(map(str, done['shape']))}")
+    if push_to_hub:
+        typer.echo(f"uploaded to {push(out, push_to_hub, format)}")
