@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_extract.py
 	$(BIN)/python benchmarks/bench_step.py
 	$(BIN)/python benchmarks/bench_contention.py
+	$(BIN)/python benchmarks/bench_sources.py
 
 # The GPU check (about 6 minutes on one GPU): pytest -m cuda, assignment, encode and train figures into
 # bench-gpu-out/ (bench_gpu.json, bench_gpu.md). Without the venv (a lent GPU machine): BENCH_PY=python3.

@@ -20,6 +20,7 @@ The standard library's ``tarfile`` parses the headers (ustar, GNU and pax long n
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -33,6 +34,7 @@ from optvq_cli.core.errors import UserError
 from optvq_cli.core.images import image_extensions
 
 BLOCK = tarfile.BLOCKSIZE
+_image_extensions = functools.cache(image_extensions)  # Pillow's registry: 50 ms a call, once per process
 LABEL_SUFFIXES = ("cls", "json")  # a WebDataset sample's label members, in priority order
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
@@ -136,7 +138,7 @@ def list_tar(path: str | Path) -> Iterator[TarImage]:
     corrupt tar, raised when the listing reaches the damage (records before it are yielded first:
     a caller that wants all or nothing lists into a list)."""
     path = str(path)
-    extensions = image_extensions()
+    extensions = _image_extensions()
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
