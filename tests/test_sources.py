@@ -12,19 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_images import _rgb, _save
 
 from optvq_cli import sources
 from optvq_cli.core.errors import UserError
-
-
-def _save(path: Path, image: Image.Image, **kw) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **kw)
-    return path
-
-
-def _rgb(w: int = 16, h: int = 16, color=(10, 20, 30)) -> Image.Image:
-    return Image.new("RGB", (w, h), color)
 
 
 def find_inputs(input: Path, exclude=()) -> tuple[Path, list[sources.Item], list[tuple[str, str]]]:
