@@ -4,7 +4,9 @@
 Listing reads the file footers and the label column only; an image is read by (file, row group,
 row in group), and a ``ParquetReader`` keeps the last row group's image column decoded (one
 group per process, never a whole file), so reading rows in order costs one decode per group.
-Files are memory-mapped (pyarrow's reader: row groups, column projection, nested fields).
+pyarrow reads row groups, projects columns and nested fields; files are read, not memory-mapped:
+mapped pages count towards a process's RSS, which then grows with the file (measured in
+benchmarks/bench_sources.py), while reads keep it one row group large.
 
 Order (fixed): files in name order (a folder's ``.parquet`` files, not its subfolders), rows in
 file order, row group by row group. A row's member name is its row number in the file, which is
@@ -62,13 +64,13 @@ def find_parquet(spec: str | Path) -> list[Path]:
 
 
 def open_parquet(path: str | Path):
-    """``pyarrow.parquet.ParquetFile``, memory-mapped; ContainerError naming the file when it is
+    """``pyarrow.parquet.ParquetFile``; ContainerError naming the file when it is
     not a readable Parquet file (a bad footer, truncated, not Parquet at all)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(str(path), memory_map=True)
+        return pq.ParquetFile(str(path))
     except (pa.ArrowException, OSError) as e:
         raise ContainerError(
             f"{path}: not a readable Parquet file ({_first_line(e)}); copy or convert it again"
@@ -112,7 +114,7 @@ def list_parquet(
         raise ContainerError(
             f"{path}: no column {label_column!r} (columns: {', '.join(pf.schema_arrow.names)}); fix --label-column"
         )
-    row = 0
+    row, container = 0, str(path)  # one string for the file's rows, not one a row
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         labels: list = [None] * n
@@ -122,7 +124,7 @@ def list_parquet(
             except (pa.ArrowException, OSError) as e:
                 raise ContainerError(f"{path}: row group {g} unreadable ({_first_line(e)})") from None
         for i, value in enumerate(labels):
-            yield ParquetRow(str(path), str(row + i), g, i, _label(value, path, label_column))
+            yield ParquetRow(container, str(row + i), g, i, _label(value, path, label_column))
         row += n
 
 
