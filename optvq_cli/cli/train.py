@@ -21,7 +21,7 @@ _PRESET = typer.Option(
     None,
     "--preset",
     "-p",
-    help="Model and recipe: mnist, cifar10, imagenet-f16-h4, imagenet-f16-h8, tiny, tiny-vqgan.",
+    help="Model and recipe: mnist, cifar10, photo, imagenet-f16-h4, imagenet-f16-h8, tiny, tiny-vqgan.",
 )
 _DATA = typer.Option(
     None, "--data", "-d", help="Training data: an image folder (recursive), MNIST idx files or CIFAR-10 batches."

@@ -149,6 +149,19 @@ _IMAGENET = {  # Sec. 4.1: 256 x 256, LPIPS 3, PatchGAN from step 150k, batch 64
 RECIPES: dict[str, dict[str, Any]] = {
     "mnist": {**_SMALL, "data": {"kind": "mnist", "size": 32}},
     "cifar10": {**_SMALL, "data": {"kind": "cifar10", "size": 32}},
+    # Photographs (the bundled `default` model): 128 px random-resized crops (2-50 % of a photo stored
+    # with its shorter side at 768 px: 1x to 4.6x downscaled), L1 + L2 + a light LPIPS-AlexNet term, EMA.
+    "photo": {
+        "data": {"size": 128, "crop_scale": (0.02, 0.5), "val_size": 6},
+        "loss": {"perceptual": 0.1, "perceptual_net": "alex"},
+        "optim": {"lr": 1e-3},
+        "batch_size": 16,
+        "steps": 6000,
+        "ema": 0.999,
+        "log_every": 25,
+        "val_every": 250,
+        "ckpt_every": 100,
+    },
     "imagenet-f16-h4": _IMAGENET,
     "imagenet-f16-h8": _IMAGENET,
     "tiny": {"data": {"size": 32}, "batch_size": 16, "log_every": 10, "val_every": 200, "ckpt_every": 200},
