@@ -111,6 +111,12 @@ _LABELS = typer.Option(
 _RETRY_FAILED = typer.Option(
     False, "--retry-failed", help="Encode again only the images the index lists as failed (--layout shards)."
 )
+_IMAGE_COLUMN = typer.Option("image", "--image-column", help="Parquet inputs: the column of image bytes.")
+_LABEL_COLUMN = typer.Option("label", "--label-column", help="Parquet inputs: the column of labels.")
+_INPUT_HELP = (
+    "An image, a folder of images (recursive), a .txt list of paths, a .tar, a folder of .tar shards, a brace "
+    "pattern (train-{0000..0146}.tar), ImageNet's nested train tar, or a .parquet file or folder of them."
+)
 _DTYPE = typer.Option(
     "fp32", "--dtype", help="Encoder compute: fp32, bf16 or fp16; the quantizer stays fp32 (--layout shards)."
 )
@@ -161,7 +167,7 @@ def _report(summary: Any, verb: str, retry: str = "fix or remove them and rerun 
 
 @app.command()
 def encode(
-    input: Path = typer.Argument(..., help="An image, a folder of images (recursive) or a .txt list of paths."),
+    input: Path = typer.Argument(..., help=_INPUT_HELP),
     output: Path = typer.Argument(..., help="Folder for the token grids and manifest.json."),
     model: str = _model_option(DEFAULT_MODEL),
     revision: str | None = _REVISION,
@@ -177,6 +183,8 @@ def encode(
     labels: Path | None = _LABELS,
     retry_failed: bool = _RETRY_FAILED,
     dtype: str = _DTYPE,
+    image_column: str = _IMAGE_COLUMN,
+    label_column: str = _LABEL_COLUMN,
     compile: bool = _COMPILE,
     batch_size: int = _BATCH,
     workers: int | None = _WORKERS,
@@ -197,10 +205,12 @@ def encode(
 
     if layout not in _LAYOUTS:
         fatal(f"--layout {layout}: use one of {', '.join(_LAYOUTS)}")
+    columns = sources.SourceOptions(image_column=image_column, label_column=label_column)
     if layout == "shards":
         if pack or strict:
             fatal("--layout shards: --pack and --strict do not apply (a shard is the unit; failures are listed)")
         shards = dict(shard_size=shard_size, views=views, labels=labels, retry_failed=retry_failed, dtype=dtype)
+        shards["source_options"] = columns
         common = dict(size=size, assign=assign, batch_size=batch_size, workers=workers, overwrite=overwrite)
         return _encode_shards(input, output, model, revision, device, quiet, shards, common, compile)
     if layout == "packed":
@@ -209,7 +219,7 @@ def encode(
         fatal("--views, --labels, --retry-failed and --dtype need --layout shards")
     with _interruptible():
         codec.check_options(assign, pack, not no_crop)
-        sources.check(input, exclude=[output])  # before the slow model load
+        sources.check(input, exclude=[output], options=columns)  # before the slow model load
         codec.check_output_path(output)
         codec.refuse_if_busy(output)  # at once, not after the model load
         m = _load(model, revision, device, compile)
@@ -217,7 +227,8 @@ def encode(
         with _progress("encoding", quiet) as (on_progress, on_failure):
             summary = codec.encode(
                 m, input, output, model_ref=codec.canonical_ref(model), revision=revision, **opts,
-                overwrite=overwrite, strict=strict, on_progress=on_progress, on_failure=on_failure,
+                overwrite=overwrite, strict=strict, source_options=columns, on_progress=on_progress,
+                on_failure=on_failure,
             )  # fmt: skip
     _report(summary, "encoded")
 
@@ -237,7 +248,7 @@ def _encode_shards(input: Path, output: Path, ref: str, revision, device: str, q
             shard_size=shards["shard_size"], views=shards["views"], assign=common["assign"], labels=shards["labels"],
             batch_size=common["batch_size"], workers=common["workers"],
         )  # fmt: skip
-        sources.check(input, exclude=[output])
+        sources.check(input, exclude=[output], options=shards["source_options"])
         m = _load(ref, revision, str(dist.device_for(device)), compile)
         with _progress("encoding", quiet or not main) as (on_progress, on_failure):
             summary = extract.encode_shards(
@@ -308,7 +319,7 @@ def decode(
 
 @app.command()
 def reconstruct(
-    input: Path = typer.Argument(..., help="An image, a folder of images (recursive) or a .txt list of paths."),
+    input: Path = typer.Argument(..., help=_INPUT_HELP),
     output: Path = typer.Argument(..., help="Folder for the reconstructed PNGs."),
     model: str = _model_option(DEFAULT_MODEL),
     revision: str | None = _REVISION,

@@ -89,7 +89,13 @@ def _print_report(report: dict) -> None:
         console.print(f"[yellow]{key} unavailable:[/] {why}", highlight=False, soft_wrap=True)
 
 
-_DATA = typer.Argument(..., help="Folder of images (flat or in class folders), searched recursively.")
+_DATA = typer.Argument(
+    ...,
+    help="Folder of images (flat or in class folders, searched recursively), a .tar, a folder of .tar shards, a "
+    "brace pattern of them, ImageNet's nested train tar, or a .parquet file or folder of them.",
+)
+_IMAGE_COLUMN = typer.Option("image", "--image-column", help="Parquet inputs: the column of image bytes.")
+_LABEL_COLUMN = typer.Option("label", "--label-column", help="Parquet inputs: the column of labels.")
 _MODEL = typer.Option(
     None,
     "--model",
@@ -198,6 +204,8 @@ def eval_(
     plot: Path = _PLOT,
     samples: Path = _SAMPLES,
     overwrite: bool = _OVERWRITE,
+    image_column: str = _IMAGE_COLUMN,
+    label_column: str = _LABEL_COLUMN,
 ) -> None:
     """Measure PSNR, SSIM, LPIPS, rFID and codebook health of reconstructions of DATA.
 
@@ -207,6 +215,7 @@ def eval_(
     """
     given = dict(locals())  # first: the options by name, nothing else yet
     from optvq_cli.eval.options import EvalOptions, parse_metrics
+    from optvq_cli.sources import SourceOptions
 
     chosen = parse_metrics(metrics)
     if model is None and against is None:
@@ -218,6 +227,7 @@ def eval_(
         metrics=chosen,
         offline=True if offline else None,  # None: OPTVQ_OFFLINE decides
         n_samples=N_SAMPLES if samples is not None else 0,
+        source_options=SourceOptions(image_column=image_column, label_column=label_column),
     )
     result = _run(opts)
     if result is not None:

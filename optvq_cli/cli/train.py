@@ -24,7 +24,12 @@ _PRESET = typer.Option(
     help="Model and recipe: mnist, cifar10, photo, imagenet-f16-h4, imagenet-f16-h8, tiny, tiny-vqgan.",
 )
 _DATA = typer.Option(
-    None, "--data", "-d", help="Training data: an image folder (recursive), MNIST idx files or CIFAR-10 batches."
+    None,
+    "--data",
+    "-d",
+    help="Training data: an image folder (recursive), tar shards (a .tar, a folder of them, a brace pattern, "
+    "ImageNet's nested tar), Parquet files (columns: data.image_column / data.label_column), MNIST idx files "
+    "or CIFAR-10 batches.",
 )
 _OUT = typer.Option(None, "--out", "-o", help="Run directory: config, checkpoints, metrics, final model.")
 _CONFIG = typer.Option(None, "--config", "-c", help="A YAML or TOML file of config keys.")

@@ -15,11 +15,13 @@ from optvq_cli.core.images import ImageError, ImageInput, Preprocess, image_exte
 from optvq_cli.sources import Item, Problem
 
 
-def list_items(data: Path, limit: int | None = None) -> tuple[list[Item], list[Problem]]:
+def list_items(
+    data: Path, limit: int | None = None, options: sources.SourceOptions | None = None
+) -> tuple[list[Item], list[Problem]]:
     """DATA's images in the source's order (a folder: sorted by relative path), the first ``limit``
     of them, and what could not be listed."""
     try:
-        found = sources.find(data, unique=False)
+        found = sources.find(data, unique=False, options=options)
     except sources.NoImages:
         found = None
     if found is None or not found.items:
@@ -27,10 +29,10 @@ def list_items(data: Path, limit: int | None = None) -> tuple[list[Item], list[P
     return found.items[:limit] if limit is not None else found.items, found.problems
 
 
-def pair_by_name(items: list[Item], other: Path) -> list[Item]:
+def pair_by_name(items: list[Item], other: Path, options: sources.SourceOptions | None = None) -> list[Item]:
     """For each DATA image, OTHER's image of the same name (relative path less its extension)."""
     try:
-        found = sources.find(other, unique=False).items
+        found = sources.find(other, unique=False, options=options).items
     except sources.NoImages:
         found = []
     by_name: dict[str, list[Item]] = {}

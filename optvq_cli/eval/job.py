@@ -115,8 +115,8 @@ def prepare(opts: EvalOptions, log: Callable[[str], None]) -> Job:
     resolution = opts.resolution or (model.config.resolution if model is not None else None)
     mode = "L" if model is not None and model.config.in_channels == 1 else "RGB"
     channel = "y" if opts.protocol == "optvq" and mode == "RGB" else "rgb"  # one grey channel is its own luma
-    items, problems = list_items(opts.data, opts.limit)
-    other = pair_by_name(items, opts.against) if opts.against is not None else None
+    items, problems = list_items(opts.data, opts.limit, opts.source_options)
+    other = pair_by_name(items, opts.against, opts.source_options) if opts.against is not None else None
     job = Job(opts, wanted, device, model, resolution, mode, channel, items, other, problems)
     smallest = resolution if other is None or resolution is not None else check_pair_sizes(items, other)
     job.unavailable = _too_small(wanted, smallest, opts.lpips_net)

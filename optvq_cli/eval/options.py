@@ -35,6 +35,7 @@ class EvalOptions:
     inception_weights: Path | None = None
     offline: bool | None = None
     n_samples: int = 0  # originals/reconstructions kept for a sample grid
+    source_options: sources.SourceOptions = sources.SourceOptions()  # how DATA and OTHER are read
 
 
 def parse_metrics(text: str | None) -> tuple[str, ...] | None:
@@ -57,11 +58,11 @@ def select_metrics(opts: EvalOptions) -> list[str]:
 
 def check_options(opts: EvalOptions) -> None:
     if not sources.is_collection(opts.data):
-        raise UserError(f"{opts.data}: not a folder of images")
+        raise UserError(f"{opts.data}: not a folder of images, tar shards or Parquet files")
     if (opts.model is None) == (opts.against is None):
         raise UserError("give one of --model REF (reconstruct DATA) or --against OTHER (compare folders), not both")
     if opts.against is not None and not sources.is_collection(opts.against):
-        raise UserError(f"--against {opts.against}: not a folder of images")
+        raise UserError(f"--against {opts.against}: not a folder of images, tar shards or Parquet files")
     checks = [
         (opts.protocol in PROTOCOLS, f"--protocol {opts.protocol}: use {' or '.join(PROTOCOLS)}"),
         (opts.lpips_net in LPIPS_NETS, f"--lpips-net {opts.lpips_net}: use {' or '.join(LPIPS_NETS)}"),

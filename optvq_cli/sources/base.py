@@ -87,6 +87,16 @@ class Inputs:
     items: list[Item]
     problems: list[Problem] = field(default_factory=list)
     labels_from: str = "none"  # what the items' labels are, for the index: "class folders", ...
+    classes: list[str] | None = None  # the names of integer labels, where the source declares them
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What a command tells every kind of source (each kind reads the options it knows): the
+    Parquet columns holding the images and the labels (``--image-column`` / ``--label-column``)."""
+
+    image_column: str = "image"
+    label_column: str = "label"
 
 
 class Source:
@@ -96,8 +106,9 @@ class Source:
     kind: ClassVar[str] = "source"
     fallback: ClassVar[bool] = False  # the built-in kinds: asked after every registered one
 
-    def __init__(self, input: Path):
+    def __init__(self, input: Path, options: SourceOptions | None = None):
         self.input = Path(input)
+        self.options = options or SourceOptions()
 
     @classmethod
     def recognises(cls, input: Path) -> bool:
@@ -156,24 +167,30 @@ def is_collection(input: Path) -> bool:
     return kind is not None and (not kind.fallback or Path(input).is_dir())
 
 
-def open_source(input: Path) -> Source:
+def open_source(input: Path, options: SourceOptions | None = None) -> Source:
     kind = kind_of(input)
     if kind is None:
-        raise UserError(f"{input}: no such file or folder; give an image, a folder of images or a .txt list")
-    return kind(Path(input))
+        raise UserError(
+            f"{input}: no such file or folder; give an image, a folder of images, a .txt list, "
+            "a .tar, a folder of .tar shards or .parquet files"
+        )
+    return kind(Path(input), options)
 
 
-def check(input: Path, exclude: Iterable[Path] = ()) -> None:
+def check(input: Path, exclude: Iterable[Path] = (), options: SourceOptions | None = None) -> None:
     """The cheap part of :func:`find`, for before a slow model load. Raises UserError."""
-    open_source(input).check([Path(p) for p in exclude])
+    open_source(input, options).check([Path(p) for p in exclude])
 
 
-def find(input: Path, exclude: Iterable[Path] = (), unique: bool = True) -> Inputs:
+def find(
+    input: Path, exclude: Iterable[Path] = (), unique: bool = True, options: SourceOptions | None = None
+) -> Inputs:
     """The images INPUT names. ``unique``: an image whose output name (``Item.name``) another one
-    already has is a problem, not an item (``a.jpg`` and ``a.png`` would both write ``a.npy``)."""
-    source = open_source(input)
+    already has is a problem, not an item (``a.jpg`` and ``a.png`` would both write ``a.npy``).
+    ``options``: the command's source options (Parquet columns)."""
+    source = open_source(input, options)
     exclude = [Path(p) for p in exclude]
-    source.check()
+    source.check(exclude)
     found = source.list(exclude)
     if unique:
         found.items = _unique(found.items, found.problems)

@@ -86,13 +86,14 @@ def _from_file(inputs: Inputs, labels: Path) -> tuple[list[int], list[str] | Non
 def assign_labels(inputs: Inputs, labels: Path | None = None) -> tuple[list[int], list[str] | None, str]:
     """(label per item, class names or None, where the labels came from). A labels file gives
     integers as they are and names numbered in sorted order; without one, the source's labels:
-    class names numbered in sorted order, integers as they are; otherwise every label is -1."""
+    class names numbered in sorted order, integers as they are (with the names the source declares
+    for them, e.g. a Parquet file's ClassLabel); otherwise every label is -1."""
     if labels is not None:
         return _from_file(inputs, labels)
     given = [it.label for it in inputs.items]
     if not given or any(v is None for v in given):
         return [NO_LABEL] * len(given), None, "none"
     if all(isinstance(v, int) and not isinstance(v, bool) for v in given):
-        return list(given), None, inputs.labels_from  # type: ignore[arg-type]
+        return list(given), inputs.classes, inputs.labels_from  # type: ignore[arg-type]
     numbers, classes = number_classes([str(v) for v in given])
     return numbers, classes, inputs.labels_from

@@ -15,13 +15,15 @@ unique and stable (the stored ``path`` is often empty or repeated).
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from optvq_cli.core.errors import UserError
-from optvq_cli.sources.tar import ContainerError
+from optvq_cli.sources.base import Inputs, Item, NoImages, Problem, Source, register
+from optvq_cli.sources.tar import ContainerError, container_root, problem_of
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
@@ -108,12 +110,7 @@ def list_parquet(
     import pyarrow as pa
 
     pf = open_parquet(path)
-    image_field(pf, path, image_column)
-    has_label = label_column in pf.schema_arrow.names
-    if not has_label and label_column != LABEL_COLUMN:
-        raise ContainerError(
-            f"{path}: no column {label_column!r} (columns: {', '.join(pf.schema_arrow.names)}); fix --label-column"
-        )
+    has_label = check_columns(pf, path, image_column, label_column)
     row, container = 0, str(path)  # one string for the file's rows, not one a row
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
@@ -126,6 +123,18 @@ def list_parquet(
         for i, value in enumerate(labels):
             yield ParquetRow(container, str(row + i), g, i, _label(value, path, label_column))
         row += n
+
+
+def check_columns(pf, path: str | Path, image_column: str, label_column: str) -> bool:
+    """Whether the file has the label column; ContainerError naming the option when the image
+    column is missing or not image bytes, or a ``label_column`` other than the default is missing."""
+    image_field(pf, path, image_column)
+    has_label = label_column in pf.schema_arrow.names
+    if not has_label and label_column != LABEL_COLUMN:
+        raise ContainerError(
+            f"{path}: no column {label_column!r} (columns: {', '.join(pf.schema_arrow.names)}); fix --label-column"
+        )
+    return has_label
 
 
 def _label(value, path, column: str) -> int | str | None:
@@ -192,3 +201,63 @@ class ParquetReader:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["image_column"])
+
+
+# ---------------------------------------------------------------- the source kind
+
+
+@register
+class ParquetFiles(Source):
+    """A .parquet file or a folder of them (the Hugging Face layout). Items are ``FILE/row`` in
+    the module's order; labels are the label column's values: integers kept as the file numbers
+    them (with its ClassLabel names as the classes), class names numbered in sorted order. A
+    damaged file is one problem line and the other files still list."""
+
+    kind = "parquet"
+
+    @classmethod
+    def recognises(cls, input: Path) -> bool:
+        return is_parquet_spec(input)
+
+    def check(self, exclude=()) -> None:
+        """The file list, and the columns of the first readable file: a wrong --image-column or
+        --label-column is one line before the model loads."""
+        for path in find_parquet(self.input):
+            try:
+                pf = open_parquet(path)
+            except ContainerError:
+                continue  # listed as a problem; the other files go on
+            try:
+                check_columns(pf, path, self.options.image_column, self.options.label_column)
+            except ContainerError as e:
+                raise UserError(str(e)) from None
+            return
+
+    def list(self, exclude=()) -> Inputs:
+        opts, root = self.options, container_root(self.input)
+        items: list[Item] = []
+        problems: list[Problem] = []
+        declared: list[str] | None = None
+        for path in find_parquet(self.input):
+            try:
+                rows = list(list_parquet(path, opts.image_column, opts.label_column))
+                names = class_names(path, opts.label_column)
+            except ContainerError as e:
+                problems.append(problem_of(e, path))
+                continue
+            if names is not None and declared is not None and names != declared:
+                problems.append((str(path), "its ClassLabel names differ from the first file's; it was skipped"))
+                continue
+            declared = declared or names
+            for r in rows:
+                items.append(
+                    Item(f"{path.name}/{r.member}", path, r.member, r.label, (r.row_group, r.row_in_group), self)
+                )
+        if not items and not problems:
+            raise NoImages(f"{self.input}: no rows in the Parquet file(s)")
+        return Inputs(self, root, items, problems, f"column {opts.label_column}", declared)
+
+    def open(self, item: Item) -> io.BytesIO:
+        reader = self.cache.setdefault("reader", ParquetReader(self.options.image_column))
+        group, row = item.at
+        return io.BytesIO(reader.read(ParquetRow(str(item.path), item.member or "", group, row, None)))

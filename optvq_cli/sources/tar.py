@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 from optvq_cli.core.errors import UserError
 from optvq_cli.core.images import image_extensions
+from optvq_cli.sources.base import Inputs, Item, NoImages, Problem, Source, register
 
 BLOCK = tarfile.BLOCKSIZE
 _image_extensions = functools.cache(image_extensions)  # Pillow's registry: 50 ms a call, once per process
@@ -344,3 +345,60 @@ class TarReader:
             self.close()
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------- the source kind
+
+
+def problem_of(error: ContainerError, container: Path) -> Problem:
+    """A damaged container as an input problem: (the file, the reason without the file's name)."""
+    text = str(error)
+    prefix = f"{container}: "
+    return str(container), text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def container_root(input: Path) -> Path:
+    """The folder a container kind names its items from: INPUT itself when it is a folder, else
+    the folder of the file (or of the brace pattern)."""
+    return input if input.is_dir() else input.parent
+
+
+@register
+class TarShards(Source):
+    """A .tar file, a folder of .tar shards or a brace pattern of them (WebDataset samples, plain
+    tars of images, ImageNet's nested train tar). Items are ``SHARD/member`` in the module's order;
+    a damaged tar is one problem line and the other tars still list."""
+
+    kind = "tar"
+
+    @classmethod
+    def recognises(cls, input: Path) -> bool:
+        return is_tar_spec(input)
+
+    def check(self, exclude=()) -> None:
+        find_tars(self.input)
+
+    def list(self, exclude=()) -> Inputs:
+        root = container_root(self.input)
+        items: list[Item] = []
+        problems: list[Problem] = []
+        nested = plain = 0
+        for tar in find_tars(self.input):
+            try:
+                records = list(list_tar(tar))  # all or nothing: a damaged tar is downloaded again
+            except ContainerError as e:
+                problems.append(problem_of(e, tar))
+                continue
+            for r in records:  # every tar lies in root: its name is the shard's
+                items.append(Item(f"{tar.name}/{r.member}", tar, r.member, r.label, (r.offset, r.size), self))
+                nested += r.member.count(".tar/") > 0
+                plain += r.member.count(".tar/") == 0
+        if not items and not problems:
+            raise NoImages(f"{self.input}: no images in the tar (looked for .jpg, .png, .webp and the like)")
+        labels_from = "class tars" if nested and not plain else "sample .cls/.json members"
+        return Inputs(self, root, items, problems, labels_from)
+
+    def open(self, item: Item) -> io.BytesIO:
+        reader = self.cache.setdefault("reader", TarReader())
+        offset, size = item.at
+        return io.BytesIO(reader.read(TarImage(str(item.path), item.member or "", offset, size, None)))

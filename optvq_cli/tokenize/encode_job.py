@@ -122,17 +122,19 @@ def encode(
     workers: int | None = None,
     overwrite: bool = False,
     strict: bool = False,
+    source_options: sources.SourceOptions | None = None,
     on_progress: Progress | None = None,
     on_failure: OnFailure | None = None,
 ) -> Summary:
-    """Images under INPUT to token grids under OUTPUT (see the module doc for the layout)."""
+    """Images under INPUT to token grids under OUTPUT (see the module doc for the layout);
+    ``source_options``: how INPUT is read (Parquet columns)."""
     check_options(assign, pack, crop)
     check_counts(batch_size, workers)
     input, output = Path(input), Path(output)
     out = Output(output, tk.FORMAT, ".npy", "tokens")
     pre = make_preprocess(model, size, crop)
     _check_list_apart_from_output(input, output)
-    found = sources.find(input, exclude=[output])
+    found = sources.find(input, exclude=[output], options=source_options)
     root, items, problems = found.root, found.items, found.problems
     out.refuse_holding([it.path for it in items])
     header = _header(model, model_ref, revision, pre, assign, batch_size, pack, root)

@@ -134,6 +134,7 @@ def encode_shards(
     overwrite: bool = False,
     model_ref: str | None = None,
     revision: str | None = None,
+    source_options: sources.SourceOptions | None = None,
     progress: Progress | None = None,
     on_failure: OnFailure | None = None,
 ) -> ShardSummary:
@@ -142,8 +143,9 @@ def encode_shards(
     ``batch_size`` counts model inputs (rows): a batch holds ``batch_size // len(views)`` images
     (at least one) with all their views. ``device`` (None: where the model is) and ``dtype``
     (fp32, bf16, fp16: the encoder's autocast, the quantizer stays fp32; None: the model's own).
-    Under torchrun (or an initialised process group) the shards are divided among the ranks. ``progress(done, total,
-    already_done, stats)`` hears of each batch; ``on_failure(path, reason)`` of each bad image.
+    Under torchrun (or an initialised process group) the shards are divided among the ranks.
+    ``source_options``: how INPUT is read (Parquet columns). ``progress(done, total, already_done,
+    stats)`` hears of each batch; ``on_failure(path, reason)`` of each bad image.
     """
     from optvq_cli.core.device import DTYPE_NAMES, resolve_dtype
 
@@ -163,6 +165,7 @@ def encode_shards(
         "retry_failed": retry_failed, "overwrite": overwrite, "labels": labels, "size": size,
         "workers": default_workers() if workers is None else workers,
         "model_ref": model_ref or str(model.source or "unnamed"), "revision": revision,
+        "source_options": source_options or sources.SourceOptions(),
     }  # fmt: skip
     try:
         return _encode(model, Path(input), Path(output), opts, progress, on_failure)
@@ -181,13 +184,16 @@ class _Inputs:
     rels: list[str]  # relative to root, with the extension (or SHARD/member): the shards' path column
     labels: list[int]
     problems: list[tuple[str, str]]  # inputs that could not be planned (missing, unreadable folders)
+    kind: str  # the kind of source: folder, list, file, tar, parquet
 
 
-def _inputs(input: Path, output: Path, labels: Path | None) -> tuple[_Inputs, list[str] | None, str]:
-    found = sources.find(input, exclude=[output])
+def _inputs(
+    input: Path, output: Path, labels: Path | None, options: sources.SourceOptions
+) -> tuple[_Inputs, list[str] | None, str]:
+    found = sources.find(input, exclude=[output], options=options)
     lab, classes, source = sources.assign_labels(found, labels)
     rels = [it.rel for it in found.items]
-    return _Inputs(found.root, found.items, rels, lab, found.problems), classes, source
+    return _Inputs(found.root, found.items, rels, lab, found.problems, found.source.kind), classes, source
 
 
 def _gather_errors(error: BaseException | None, then: Callable[[], None] | None = None) -> None:
@@ -209,9 +215,11 @@ def _encode(model: Any, input: Path, output: Path, opts: dict, progress: Any, on
     if output.exists() and not output.is_dir():
         raise UserError(f"{output}: exists and is not a folder; give a folder for the shards")
     pre = make_preprocess(model, opts["size"], True)
-    inp, classes, source = _inputs(input, output, opts["labels"])
+    inp, classes, source = _inputs(input, output, opts["labels"], opts["source_options"])
     header = shard_header(model, opts["model_ref"], opts["revision"], pre, opts, inp.root)
     header.update(labels=source, classes=classes)
+    if inp.kind == "parquet":  # the column the pixels came from: part of the shards' fingerprint
+        header["image_column"] = opts["source_options"].image_column
     plans = make_plan(inp.rels, inp.labels, opts["shard_size"], plan_settings(header))
     digest = plan_sha256(plans, opts["shard_size"])
     header["plan"] = {"shard_size": opts["shard_size"], "inputs": len(inp.rels), "shards": len(plans), "sha256": digest}
@@ -229,6 +237,8 @@ def _encode(model: Any, input: Path, output: Path, opts: dict, progress: Any, on
             except (ValueError, OSError) as e:  # UserError, FolderBusy
                 error = e
         _gather_errors(error)
+        for path, reason in inp.problems if dist.is_main() and on_failure else []:  # e.g. a damaged tar
+            on_failure(path, reason)
         error = None
         try:
             _encode_mine(model, output, plans, inp, pre, opts, summary, progress, on_failure)

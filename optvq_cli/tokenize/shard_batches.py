@@ -73,14 +73,32 @@ class Work:
     failures: dict[int, str] = field(default_factory=dict)
 
 
-def _batches(work: list[Work], images_per_batch: int) -> tuple[list[list[int]], list[int]]:
-    """Loader batches (input positions) that never span two shards, and each batch's work index."""
+def _batches(work: list[Work], images_per_batch: int, workers: int = 0) -> tuple[list[list[int]], list[int]]:
+    """Loader batches (input positions) that never span two shards, and each batch's work index;
+    within a shard, in the order that gives each reader worker one contiguous run of it."""
     batches, owner = [], []
     for w, item in enumerate(work):
-        for i in range(0, len(item.positions), images_per_batch):
-            batches.append(item.positions[i : i + images_per_batch])
-            owner.append(w)
+        mine = [item.positions[i : i + images_per_batch] for i in range(0, len(item.positions), images_per_batch)]
+        batches += in_worker_runs(mine, len(batches), workers)
+        owner += [w] * len(mine)
     return batches, owner
+
+
+def in_worker_runs(batches: list, start: int, workers: int) -> list:
+    """``batches`` reordered so that each of ``workers`` readers gets one contiguous run of them:
+    the DataLoader hands the batch at place ``g`` of its list (``start`` is this list's first
+    place) to worker ``g % workers``. A worker then reads its images in input order, so a Parquet
+    row group is decoded by one worker rather than by each, and a tar is read forward. The
+    batches' contents are unchanged, so the shard's bytes are too."""
+    if workers <= 1:
+        return batches
+    out: list = [None] * len(batches)
+    runs = iter(batches)
+    for w in range(workers):
+        for g in range(len(batches)):
+            if (start + g) % workers == w:
+                out[g] = next(runs)
+    return out
 
 
 def _loader(dataset: ViewDataset, batches: list[list[int]], workers: int, pin: bool):
@@ -118,7 +136,7 @@ def encode_work(
 ) -> float:
     """Encodes every work item, calling ``on_shard`` as each one's last batch is in; returns the
     seconds the device waited for the loader."""
-    batches, owner = _batches(work, images_per_batch)
+    batches, owner = _batches(work, images_per_batch, workers)
     left = [0] * len(work)
     for w in owner:
         left[w] += 1

@@ -104,7 +104,8 @@ def shard_header(model: Any, ref: str, revision: str | None, pre: Preprocess, op
 def plan_settings(header: dict) -> dict:
     """What a shard's bytes depend on besides its images: part of every shard's fingerprint."""
     keys = ("preprocess", "views", "assign", "batch_size", "compute_dtype", "dtype")
-    return {"model": header["model"]["sha256"], **{k: header.get(k) for k in keys}}
+    column = {"image_column": header["image_column"]} if "image_column" in header else {}  # Parquet inputs
+    return {"model": header["model"]["sha256"], **{k: header.get(k) for k in keys}, **column}
 
 
 def index_doc(header: dict, plans: list[Plan], states: list[dict | None], rels: list[str], problems: list) -> dict:

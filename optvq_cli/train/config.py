@@ -59,6 +59,8 @@ class DataConfig:
     val_fraction: Share = 0.01  # share held out of a folder without train/ and val/
     workers: Annotated[Steps | None, _Opt] = None  # DataLoader processes (None: 0 in memory, else up to 8)
     download: bool = True  # fetch MNIST / Fashion-MNIST / CIFAR-10 when missing (unless OPTVQ_OFFLINE)
+    image_column: str = "image"  # Parquet inputs: the column of image bytes
+    label_column: str = "label"  # Parquet inputs: the column of labels
 
 
 @dataclass(config=_FORBID)

@@ -182,8 +182,8 @@ def detect_kind(root: Path) -> str:
 
 
 DATA_KINDS = (
-    "a folder of images (recursive; train/ and val/ inside are used as the splits), MNIST / Fashion-MNIST "
-    "idx files or their folder, or CIFAR-10's cifar-10-batches-py/"
+    "a folder of images (recursive; train/ and val/ inside are used as the splits), tar shards or Parquet "
+    "files, MNIST / Fashion-MNIST idx files or their folder, or CIFAR-10's cifar-10-batches-py/"
 )
 
 
@@ -267,11 +267,11 @@ def _small_dataset(
     return Splits(ArrayImages(tr, f"{kind} train"), ArrayImages(va, f"{kind} val"), kind, desc)
 
 
-def _list_images(input: Path) -> list[sources.Item]:
+def _list_images(input: Path, options: sources.SourceOptions | None = None) -> list[sources.Item]:
     """The images `encode` and `eval` see in the same INPUT (the source layer); none: []. What
     cannot be listed is logged and left out."""
     try:
-        found = sources.find(input, unique=False)
+        found = sources.find(input, unique=False, options=options)
     except sources.NoImages:
         return []
     for path, why in found.problems:
@@ -288,6 +288,7 @@ def _folder_dataset(
     crop_scale: tuple[float, float],
     val_size: int | None,
     val_fraction: float,
+    options: sources.SourceOptions | None = None,
 ) -> Splits:
     if not sources.is_collection(root):
         raise UserError(f"--data {root}: no such folder; give a folder of images (searched recursively)")
@@ -301,7 +302,7 @@ def _folder_dataset(
             val_paths = val_paths[:val_size]
         split = f"{len(val_paths)} from {val_dir.name}/"
     else:
-        paths = _list_images(root)
+        paths = _list_images(root, options)
         if not paths:
             raise UserError(
                 f"--data {root}: no images found (searched recursively for .jpg, .png, ...); "
@@ -330,10 +331,12 @@ def open_splits(
     val_size: int | None = None,
     val_fraction: float = 0.01,
     allow_download: bool = False,
+    source_options: sources.SourceOptions | None = None,
 ) -> Splits:
     """The training and validation sets under ``path``. ``kind``: auto, folder, mnist,
     fashion-mnist, cifar10. Missing MNIST / CIFAR files are downloaded when ``allow_download`` and
-    not OPTVQ_OFFLINE; otherwise the error names the files expected."""
+    not OPTVQ_OFFLINE; otherwise the error names the files expected. ``source_options``: how an
+    image source is read (Parquet columns: the config's data.image_column / data.label_column)."""
     if kind not in KINDS:
         raise UserError(f"data.kind {kind!r}: use one of {', '.join(KINDS)}")
     root = Path(path).expanduser()
@@ -346,7 +349,7 @@ def open_splits(
             raise UserError(f"--data {root}: one image is not a training set; --data takes {DATA_KINDS}")
         kind = detect_kind(root)
     if kind == "folder":
-        return _folder_dataset(root, channels, size, augment, seed, crop_scale, val_size, val_fraction)
+        return _folder_dataset(root, channels, size, augment, seed, crop_scale, val_size, val_fraction, source_options)
     splits = _small_dataset(kind, root, channels, size, val_size, val_fraction)
     if splits is not None:
         return splits
