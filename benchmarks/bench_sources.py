@@ -1,5 +1,7 @@
 """Reading the same JPEGs as loose files, from one tar, from tar shards and from Parquet: images/s
-(list + read + decode), ratios against loose files measured in the same run, and peak RSS.
+(list + read + decode), ratios against loose files measured in the same run, and peak RSS; then
+`encode --layout shards` end to end from loose files, tar shards and Parquet (the tiny preset at
+32 px, default reader workers): images/s, the rerun with nothing left to do, and peak RSS.
 
 The images are 64 x 64 crops of scikit-image's photographs (JPEG, quality 90) in 100 class
 folders; the tar, the shards (1 000 images each, WebDataset layout with .cls labels) and the
@@ -8,6 +10,7 @@ in a fresh child process, so its peak RSS is its own; the files are read once be
 readers find them in the page cache.
 
     python benchmarks/bench_sources.py [--sizes 1000 5000] [--full (1 000, 10 000, 50 000)]
+                                       [--encode-sizes 2000 [50000]]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 READERS = ("loose files", "one tar", "tar shards", "parquet")
+ENCODE_INPUTS = {"loose files": "loose", "tar shards": "shards", "parquet": "train.parquet"}
 SHARD = 1000
 
 
@@ -105,6 +109,26 @@ def _child(reader: str, root: Path) -> dict:
     return {"images": n, "list_s": listed - t0, "total_s": done - t0, "peak_mib": _peak_mib()}
 
 
+def _encode_child(reader: str, root: Path) -> dict:
+    """`encode --layout shards` of one input, then the same command again (nothing left to do);
+    seconds of each (the model built beforehand, not timed) and peak RSS."""
+    import torch
+
+    from optvq_cli.model import build_model
+    from optvq_cli.tokenize.extract import encode_shards
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    out = root / f"tokens-{ENCODE_INPUTS[reader]}"
+    t0 = time.perf_counter()
+    first = encode_shards(model, root / ENCODE_INPUTS[reader], out, size=32, shard_size=SHARD)
+    t1 = time.perf_counter()
+    again = encode_shards(model, root / ENCODE_INPUTS[reader], out, size=32, shard_size=SHARD)
+    t2 = time.perf_counter()
+    assert first.written == again.skipped and again.written == 0 and not first.failed
+    return {"images": first.written, "total_s": t1 - t0, "rerun_s": t2 - t1, "peak_mib": _peak_mib()}
+
+
 def _peak_mib() -> float:
     """This process's peak RSS. VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -123,12 +147,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
     ap.add_argument("--full", action="store_true", help="1 000, 10 000 and 50 000 images")
+    ap.add_argument("--encode-sizes", type=int, nargs="*", default=[2000], help="encode end to end (none: skip)")
     ap.add_argument("--child", nargs=2, metavar=("READER", "ROOT"), help=argparse.SUPPRESS)
+    ap.add_argument("--encode-child", nargs=2, metavar=("READER", "ROOT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.child[0], Path(args.child[1]))))
         return
+    if args.encode_child:
+        print(json.dumps(_encode_child(args.encode_child[0], Path(args.encode_child[1]))))
+        return
     sizes = [1000, 10000, 50000] if args.full else args.sizes
+    _read_table(sizes)
+    _encode_table(args.encode_sizes)
+
+
+def _encode_table(sizes: list[int]) -> None:
+    if not sizes:
+        return
+    print(f"\nencode --layout shards (tiny preset, 32 px, shards of {SHARD})")
+    print(f"{'images':>7} {'input':<12} {'total s':>8} {'images/s':>9} {'vs loose':>9} {'rerun s':>8} {'peak MiB':>9}")
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="bench-sources-") as tmp:
+            root = Path(tmp)
+            _write_sets(root, n)
+            _warm(root)
+            base = None
+            for reader in ENCODE_INPUTS:
+                cmd = [sys.executable, __file__, "--encode-child", reader, str(root)]
+                r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+                rate = r["images"] / r["total_s"]
+                base = base or rate
+                print(
+                    f"{r['images']:>7} {reader:<12} {r['total_s']:>8.2f} {rate:>9.0f} {rate / base:>8.2f}x "
+                    f"{r['rerun_s']:>8.2f} {r['peak_mib']:>9.0f}",
+                    flush=True,
+                )
+
+
+def _read_table(sizes: list[int]) -> None:
     print(f"{'images':>7} {'reader':<12} {'list s':>7} {'total s':>8} {'images/s':>9} {'vs loose':>9} {'peak MiB':>9}")
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="bench-sources-") as tmp:
