@@ -11,8 +11,8 @@ Distributed: launched by torchrun, each process takes its share of every global 
 across processes, so N processes compute what one process computes on the whole batch.
 
 Read ``Trainer`` top to bottom: ``__init__`` builds everything (nothing is written before it has
-succeeded), ``fit`` is the loop, ``train_step`` one optimizer step, ``validate`` / ``save`` /
-``resume`` the rest.
+succeeded), ``fit`` is the loop, ``train_step`` one optimizer step, ``validate`` one pass over the
+validation split; ``save`` and ``resume`` come from ``state.Resumable``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
-import signal
-import threading
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -45,7 +43,11 @@ from optvq_cli.train.config import TrainConfig, check_config, learning_rate, sav
 from optvq_cli.train.data import BatchPlan, Splits, StepBatches, make_loader, open_splits
 from optvq_cli.train.losses import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, l1_loss, l2_loss
 from optvq_cli.train.metrics import Window, save_grid, validate
-from optvq_cli.train.optim import ema_update, last_layer, load_schedule, make_optimizer, param_groups, step_schedules
+from optvq_cli.train.optim import ema_update, last_layer, make_optimizer, param_groups, step_schedules
+from optvq_cli.train.report import TrainResult, format_summary, train_text, val_text
+from optvq_cli.train.speed import amp_dtype, describe_speed
+from optvq_cli.train.state import Resumable
+from optvq_cli.train.stop import StopSignals
 
 # progress(done, total, already_done, stats): the CLI's progress bar, or None for log lines.
 Progress = Callable[[int, int, int, str | None], None]
@@ -56,17 +58,6 @@ class TrainingDiverged(UserError):
 
 
 @dataclass
-class TrainResult:
-    status: str  # completed | interrupted
-    step: int
-    total_steps: int
-    run_dir: Path
-    model_dir: Path | None
-    skipped_steps: int
-    val: dict[str, Any] | None
-
-
-@dataclass
 class Hooks:
     """Test / research hooks. ``on_step(step, losses, indices)`` after each optimizer step with this
     process's loss terms (floats) and its micro-batches' indices."""
@@ -74,38 +65,7 @@ class Hooks:
     on_step: Callable[[int, dict[str, float], list[torch.Tensor]], None] | None = None
 
 
-class _Stop:
-    """SIGINT / SIGTERM ask the loop to checkpoint and leave; a second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "fp32":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-
-
-class Trainer:
+class Trainer(Resumable):
     """One run of `optvq train` in one process (every torchrun process builds its own)."""
 
     def __init__(
@@ -250,101 +210,9 @@ class Trainer:
             f"model: {cfg.preset} ({self.model.param_counts()['total'] / 1e6:.2f} M parameters), quantizer "
             f"{cfg.quantizer.method} ({m.assign}, {m.heads} head(s), n={m.n_codes}); {self.world} process(es) on "
             f"{self.device}; batch {cfg.batch_size} = {plan.micro} x {self.world} x {cfg.optim.grad_accum}; "
-            f"lr {learning_rate(cfg):.3g}; {self.total} steps ({plan.steps_per_epoch} per epoch); {self._speed()}"
+            f"lr {learning_rate(cfg):.3g}; {self.total} steps ({plan.steps_per_epoch} per epoch); "
+            f"{describe_speed(cfg, self.device, self.model.compute_dtype)}"
         )
-
-    def _speed(self) -> str:
-        cfg, dtype = self.cfg, self.model.compute_dtype
-        parts = [G.DTYPE_NAMES.get(dtype, "fp32") if dtype is not None else "fp32"]
-        if self.device.type == "cuda":
-            parts.append("tf32" if cfg.tf32 else "no tf32")
-        parts += ["channels-last"] * cfg.channels_last + [f"compiled ({cfg.compile_backend})"] * cfg.compile
-        return " + ".join(parts + ["checkpointing"] * cfg.checkpointing)
-
-    # -- resume and save -------------------------------------------------------------------------
-
-    def resume(self) -> dict[str, Any] | None:
-        """Load the newest checkpoint; returns the log window in progress (or None)."""
-        ckpt_step, path = R.list_checkpoints(self.run_dir)[-1]
-        ck = R.read_checkpoint(path)
-        st = ck["state"]
-        self._check_resumable(st)
-        self.model.load_state_dict(ck["model"])
-        for module, key in ((self.disc, "disc"), (self.ema, "ema")):
-            if module is not None and ck[key] is not None:
-                module.load_state_dict(ck[key])
-        self.opt.load_state_dict(st["optimizer"])
-        load_schedule(self.sched, st["scheduler"])
-        if self.opt_d is not None and st.get("disc_optimizer") is not None:
-            self.opt_d.load_state_dict(st["disc_optimizer"])
-            load_schedule(self.sched_d, st["disc_scheduler"])
-        ranks = st["ranks"]
-        R.set_rng_state(ranks[self.rank]["rng"] if self.rank < len(ranks) else ranks[0]["rng"])
-        self.step, self.skipped, self.bad_in_row = st["step"], st["skipped"], st["bad_in_row"]
-        self.metrics.truncate_after(self.step)
-        if st["total_steps"] != self.total:  # --steps / --epochs on a resume: the saved config follows
-            if self.main:
-                save_config(self.cfg, self.run_dir)
-            self.say(f"schedule extended from {st['total_steps']} to {self.total} steps")
-        self.say(f"resumed {self.run_dir} at step {self.step}/{self.total} from {path.name}")
-        # the log window in progress, so the next metrics row is unchanged
-        return ranks[self.rank]["window"] if len(ranks) == self.world else None
-
-    def _check_resumable(self, st: dict[str, Any]) -> None:
-        s = st["sampler"]
-        if (s["n"], s["global_batch"]) != (len(self.splits.train), self.cfg.batch_size):
-            raise UserError(
-                f"--resume {self.run_dir}: the checkpoint was made with {s['n']} training images and batch "
-                f"{s['global_batch']}; now {len(self.splits.train)} and {self.cfg.batch_size}: use the same data"
-            )
-        if self.total < st["step"]:
-            raise UserError(
-                f"--resume {self.run_dir}: the run is at step {st['step']}; to extend it, give --steps above that"
-            )
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training state of this step (a collective: the RNG state of every process)."""
-        step, plan = self.step, self.plan
-        return {
-            "format": R.STATE_FORMAT,
-            "optvq_format": R.STATE_VERSION,
-            "step": step,
-            "total_steps": self.total,
-            "skipped": self.skipped,
-            "bad_in_row": self.bad_in_row,
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "disc_optimizer": self.opt_d.state_dict() if self.opt_d is not None else None,
-            "disc_scheduler": self.sched_d.state_dict() if self.sched_d is not None else None,
-            "ranks": D.all_gather_object({"rng": R.rng_state(), "window": self.window.state()}),
-            "sampler": {
-                "epoch": step // plan.steps_per_epoch,
-                "batch": step % plan.steps_per_epoch,
-                "n": plan.n,
-                "global_batch": plan.global_batch,
-                "seed": plan.seed,
-            },
-            "world_size": self.world,
-        }
-
-    def model_metadata(self) -> dict[str, Any]:
-        return {
-            "trained_with": "optvq train",
-            "preset": self.cfg.preset,
-            "quantizer": self.cfg.quantizer.method,
-            "step": self.step,
-            "total_steps": self.total,
-            "weights": "ema" if self.ema is not None else "raw",
-        }
-
-    def save(self) -> None:
-        """A checkpoint of this step (every process calls it; the main process writes)."""
-        state = self.state_dict()
-        if self.main and self.step != self.last_saved:
-            parts = {"model": self.model, "disc": self.disc, "ema": self.ema, "state": state}
-            R.write_checkpoint(self.run_dir, self.step, parts, self.cfg.keep_checkpoints, self.model_metadata())
-        self.last_saved = self.step
-        D.barrier()
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -357,11 +225,7 @@ class Trainer:
             self.metrics.write({"step": self.step, "split": "val", **stats})
             if shown is not None:
                 save_grid(shown[0], shown[1], self.run_dir / R.SAMPLES_DIR / f"{R.ckpt_name(self.step)}.png")
-            psnr = f"{stats['psnr_y']:.2f} dB" if stats["psnr_y"] is not None else "n/a"
-            self.say(
-                f"val step {self.step}: psnr_y {psnr}, codebook usage {stats['codebook_usage']:.1%}, "
-                f"perplexity {stats['perplexity']:.1f} ({stats['images']} images)"
-            )
+            self.say(val_text(self.step, stats))
         self.val_stats = stats
         return stats
 
@@ -466,13 +330,7 @@ class Trainer:
         if not self.main:
             return
         self.metrics.write(row)
-        psnr = f"{row['psnr_y']:.2f}" if row.get("psnr_y") is not None else "-"
-        text = (
-            f"loss {row.get('loss', float('nan')):.4f}  psnr_y {psnr}  usage {row['codebook_usage']:.1%}  "
-            f"{row['steps_per_s']:.2f} steps/s"
-        )
-        if "gpu_mem_gb" in row:  # CUDA: the peak of the fullest process
-            text += f"  {row['gpu_mem_gb']:.1f} GB"
+        text = train_text(row)
         if progress is not None:
             progress(self.step, self.total, start, text)
         else:
@@ -484,7 +342,7 @@ class Trainer:
         progress = progress if self.main else None
         batches = iter(make_loader(self.splits.train, StepBatches(self.plan, self.step, self.total), self.workers,
                                    G.pin_memory_for(self.device)))  # fmt: skip
-        with _Stop() as stop:
+        with StopSignals() as stop:
             while self.step < self.total:
                 self._zero_grad()
                 finite, terms, indices = self.train_step(batches)
@@ -572,13 +430,6 @@ def train(
             trainer.close()
         if own_group:
             D.destroy()
-
-
-def format_summary(result: TrainResult) -> str:
-    v = result.val or {}
-    psnr = f"{v['psnr_y']:.2f} dB" if v.get("psnr_y") is not None else "n/a"
-    usage = f"{v['codebook_usage']:.1%}" if v.get("codebook_usage") is not None else "n/a"
-    return f"step {result.step}/{result.total_steps}: val psnr_y {psnr}, codebook usage {usage}"
 
 
 __all__ = ["Hooks", "OptVQModel", "Trainer", "TrainResult", "TrainingDiverged", "format_summary", "train"]

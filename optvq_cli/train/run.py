@@ -1,5 +1,5 @@
-"""The run folder of `optvq train`: its layout, checkpoints (written whole or not at all), the RNG
-state that makes a resumed run continue exactly, and ``metrics.jsonl``.
+"""The run folder of `optvq train`: its layout, checkpoint folders (written whole or not at all)
+and ``metrics.jsonl``. What a checkpoint's training state holds is ``state.py``'s.
 
     RUN/train_config.yaml   RUN/metrics.jsonl   RUN/samples/step-N.png   RUN/tensorboard/
     RUN/checkpoints/step-N/{model.safetensors, config.json, discriminator.safetensors,
@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from optvq_cli.core.errors import UserError
@@ -82,33 +80,6 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     for name in (METRICS_FILE, CONFIG_FILE):
         (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "gauss": float(np_state[4]),
-        },
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def write_checkpoint(run_dir: Path, step: int, parts: dict[str, Any], keep: int, metadata: dict[str, Any]) -> Path:
