@@ -214,6 +214,12 @@ def test_eval_and_train_read_tar_and_parquet(inputs, model_dir, invoke, tmp_path
                           "--steps", "1", "--batch-size", "4", "-q", "--set", "val_every=0")  # fmt: skip
     assert code == 0, output
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    base = ["train", "--preset", "tiny", "--data", inputs["columns"], "--steps", "1", "--batch-size", "4", "-q"]
+    base += ["--set", "val_every=0", "--set", "data.val_size=1"]
+    code, output = invoke(*base, "--out", tmp_path / "run-columns", "--set", "data.image_column=img")
+    assert code == 0, output  # the image column named in the config reaches the Parquet reader
+    code, output = invoke(*base, "--out", tmp_path / "run-default")
+    assert code != 0 and "img" in output and "columns.parquet" in output, output  # the default 'image' is absent
 
 
 # ---------------------------------------------------------------- damage

@@ -37,6 +37,7 @@ from optvq_cli.core.lock import folder_lock
 from optvq_cli.core.workers import default_workers
 from optvq_cli.model import OptVQModel, build_model, save_model
 from optvq_cli.model.vqgan import set_checkpointing
+from optvq_cli.sources import SourceOptions
 from optvq_cli.train import run as R
 from optvq_cli.train.codebook import init_codebook
 from optvq_cli.train.config import TrainConfig, check_config, learning_rate, save_config
@@ -139,7 +140,7 @@ class Trainer(Resumable):
             return open_splits(
                 d.path, d.kind, channels, d.size, augment=d.augment, seed=self.cfg.seed,
                 crop_scale=d.crop_scale, val_size=d.val_size, val_fraction=d.val_fraction,
-                allow_download=download,
+                allow_download=download, source_options=SourceOptions(d.image_column, d.label_column),
             )  # fmt: skip
 
         splits = D.on_main_first(lambda: open_data(d.download), others=lambda: open_data(False))
