@@ -162,47 +162,44 @@ def main() -> None:
     _encode_table(args.encode_sizes)
 
 
+def _children(n: int, flag: str, kinds: list[str]):
+    """(kind, its child's figures, its images/s relative to the first kind) for one set of n images."""
+    with tempfile.TemporaryDirectory(prefix="bench-sources-") as tmp:
+        root = Path(tmp)
+        _write_sets(root, n)
+        _warm(root)
+        base = None
+        for kind in kinds:
+            cmd = [sys.executable, __file__, flag, kind, str(root)]
+            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            rate = r["images"] / r["total_s"]
+            base = base or rate
+            yield kind, r, rate, rate / base
+
+
 def _encode_table(sizes: list[int]) -> None:
     if not sizes:
         return
     print(f"\nencode --layout shards (tiny preset, 32 px, shards of {SHARD})")
     print(f"{'images':>7} {'input':<12} {'total s':>8} {'images/s':>9} {'vs loose':>9} {'rerun s':>8} {'peak MiB':>9}")
     for n in sizes:
-        with tempfile.TemporaryDirectory(prefix="bench-sources-") as tmp:
-            root = Path(tmp)
-            _write_sets(root, n)
-            _warm(root)
-            base = None
-            for reader in ENCODE_INPUTS:
-                cmd = [sys.executable, __file__, "--encode-child", reader, str(root)]
-                r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-                rate = r["images"] / r["total_s"]
-                base = base or rate
-                print(
-                    f"{r['images']:>7} {reader:<12} {r['total_s']:>8.2f} {rate:>9.0f} {rate / base:>8.2f}x "
-                    f"{r['rerun_s']:>8.2f} {r['peak_mib']:>9.0f}",
-                    flush=True,
-                )
+        for reader, r, rate, ratio in _children(n, "--encode-child", ENCODE_INPUTS):
+            print(
+                f"{r['images']:>7} {reader:<12} {r['total_s']:>8.2f} {rate:>9.0f} {ratio:>8.2f}x "
+                f"{r['rerun_s']:>8.2f} {r['peak_mib']:>9.0f}",
+                flush=True,
+            )
 
 
 def _read_table(sizes: list[int]) -> None:
     print(f"{'images':>7} {'reader':<12} {'list s':>7} {'total s':>8} {'images/s':>9} {'vs loose':>9} {'peak MiB':>9}")
     for n in sizes:
-        with tempfile.TemporaryDirectory(prefix="bench-sources-") as tmp:
-            root = Path(tmp)
-            _write_sets(root, n)
-            _warm(root)
-            base = None
-            for reader in READERS:
-                cmd = [sys.executable, __file__, "--child", reader, str(root)]
-                r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-                rate = r["images"] / r["total_s"]
-                base = base or rate
-                print(
-                    f"{r['images']:>7} {reader:<12} {r['list_s']:>7.2f} {r['total_s']:>8.2f} {rate:>9.0f} "
-                    f"{rate / base:>8.2f}x {r['peak_mib']:>9.0f}",
-                    flush=True,
-                )
+        for reader, r, rate, ratio in _children(n, "--child", READERS):
+            print(
+                f"{r['images']:>7} {reader:<12} {r['list_s']:>7.2f} {r['total_s']:>8.2f} {rate:>9.0f} "
+                f"{ratio:>8.2f}x {r['peak_mib']:>9.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
