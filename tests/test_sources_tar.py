@@ -174,3 +174,30 @@ def test_reader_keeps_a_bounded_set_of_open_files(tmp_path):
     assert [reader.read(r) for r in records] == [_photo(i) for i in range(6)]
     assert len(reader._fds) == 2
     reader.close()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_header_scan_finds_what_tarfile_finds(tmp_path, fmt):
+    """Names (ustar prefix, GNU long names, pax paths with non-ASCII), offsets and sizes against the
+    standard library's reading of the same tar; folders, links and non-image members are not images."""
+    tar = tmp_path / "a.tar"
+    names = ["x.png", f"{'deep/' * 25}y.png", "ünï/cödé.jpg", "z.txt"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names[2] = "plain/code.jpg"  # ustar holds ASCII names only
+    with tarfile.open(tar, "w", format=fmt) as tf:
+        tf.addfile(_dir("folder"))
+        for i, name in enumerate(names):
+            _add(tf, name, _photo(i)[: 1000 + 37 * i])
+        link = tarfile.TarInfo("link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "x.png"
+        tf.addfile(link)
+    with tarfile.open(tar) as tf:
+        images = [m for m in tf.getmembers() if m.isreg() and not m.name.endswith(".txt")]
+    expected = [(m.name, m.offset_data, m.size) for m in images]
+    assert [(r.member, r.offset, r.size) for r in list_tar(tar)] == expected and len(expected) == 3
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
