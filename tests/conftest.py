@@ -11,6 +11,23 @@ from PIL import Image
 SKIMAGE = Path(__import__("skimage").__file__).parent / "data"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
 
+# A shards run slowed to be SIGKILLed between two shards: argv model, INPUT, OUTPUT[, size].
+SLOW_SHARDS_RUN = """
+import sys, time
+from pathlib import Path
+from optvq_cli.model import load_model
+from optvq_cli.tokenize import extract, shard_batches
+
+call = shard_batches.Encoder.__call__
+def slow(self, pixels):  # time to be killed between two shards
+    time.sleep(0.3)
+    return call(self, pixels)
+shard_batches.Encoder.__call__ = slow
+model = load_model(sys.argv[1], device="cpu")
+size = {"size": int(sys.argv[4])} if len(sys.argv) > 4 else {}
+extract.encode_shards(model, Path(sys.argv[2]), Path(sys.argv[3]), shard_size=2, batch_size=1, workers=0, **size)
+"""
+
 
 def photo_crops(n: int, size: int, grey: bool = False) -> np.ndarray:
     """n real-photo patches (skimage's test images), resized to size x size: (n, 3, s, s) or (n, s, s)."""

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+from conftest import SLOW_SHARDS_RUN
 from PIL import Image
 
 from optvq_cli.core.errors import UserError
@@ -323,30 +323,12 @@ def test_sinkhorn_index_says_batches_are_pools(tmp_path, model):
     assert "own rank" in index["pools"]
 
 
-_SLOW_RUN = """
-import sys, time
-from pathlib import Path
-from optvq_cli.model import load_model
-from optvq_cli.tokenize import extract, shard_batches
-
-call = shard_batches.Encoder.__call__
-def slow(self, pixels):  # time to be killed between two shards
-    time.sleep(0.3)
-    return call(self, pixels)
-shard_batches.Encoder.__call__ = slow
-model = load_model(sys.argv[1], device="cpu")
-extract.encode_shards(model, Path(sys.argv[2]), Path(sys.argv[3]), shard_size=2, batch_size=1, workers=0)
-"""
-
-
 @pytest.mark.slow
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, model, model_dir):
     src = _class_folders(tmp_path / "in")
     out, whole = tmp_path / "out", tmp_path / "whole"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(_SLOW_RUN), str(model_dir), str(src), str(out)], env=env
-    )
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SHARDS_RUN, str(model_dir), str(src), str(out)], env=env)
     try:
         deadline = time.monotonic() + 120
         while not (out / shard_name(0)).exists() and proc.poll() is None and time.monotonic() < deadline:

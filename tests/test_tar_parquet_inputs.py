@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch.multiprocessing as mp
-from conftest import SKIMAGE
+from conftest import SKIMAGE, SLOW_SHARDS_RUN
 from PIL import Image
 from test_extract import REPO, _files, _rank
 from test_extract import model_dir as model_dir  # noqa: F401 - the fixture: a model whose codes spread
@@ -276,21 +275,6 @@ def test_a_wrong_column_is_one_line_before_the_model_loads(inputs, invoke, tmp_p
 
 # ---------------------------------------------------------------- resume and ranks
 
-_SLOW_RUN = """
-import sys, time
-from pathlib import Path
-from optvq_cli.model import load_model
-from optvq_cli.tokenize import extract, shard_batches
-
-call = shard_batches.Encoder.__call__
-def slow(self, pixels):  # time to be killed between two shards
-    time.sleep(0.3)
-    return call(self, pixels)
-shard_batches.Encoder.__call__ = slow
-model = load_model(sys.argv[1], device="cpu")
-extract.encode_shards(model, Path(sys.argv[2]), Path(sys.argv[3]), size=32, shard_size=2, batch_size=1, workers=0)
-"""
-
 
 @pytest.mark.slow
 def test_a_sigkilled_tar_run_resumes_to_the_same_bytes(inputs, model_dir, tmp_path):
@@ -300,7 +284,7 @@ def test_a_sigkilled_tar_run_resumes_to_the_same_bytes(inputs, model_dir, tmp_pa
     out, whole = tmp_path / "out", tmp_path / "whole"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     src = str(inputs["shards"])
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SLOW_RUN), str(model_dir), src, str(out)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SHARDS_RUN, str(model_dir), src, str(out), "32"], env=env)
     try:
         deadline = time.monotonic() + 120
         while not (out / shard_name(0)).exists() and proc.poll() is None and time.monotonic() < deadline:
