@@ -273,6 +273,39 @@ def test_a_wrong_column_is_one_line_before_the_model_loads(inputs, invoke, tmp_p
     assert code == 1 and "no column 'class'" in output and "fix --label-column" in output
 
 
+def _mirrored(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_reconstruct_and_encode_read_the_image_column_named_and_refuse_another_on_a_rerun(
+    inputs, model_dir, invoke, tmp_path
+):
+    photos = _photos()
+    table = _hf_table(photos, image="img", label="y")
+    mirrored = pa.array([{"bytes": _mirrored(d), "path": f"{n}.png"} for _, n, d in photos])
+    pq.write_table(table.append_column("mirrored", mirrored), tmp_path / "two.parquet")
+
+    def run(command, input, out, *extra):
+        return invoke(command, input, out, "--model", model_dir, "--size", "32", "-j", "0", "-q", *extra)
+
+    assert run("reconstruct", inputs["folders"], tmp_path / "from-folders")[0] == 0
+    code, output = run("reconstruct", tmp_path / "two.parquet", tmp_path / "rec", "--image-column", "img")
+    assert code == 0, output
+    pngs = sorted(p.read_bytes() for p in (tmp_path / "rec").rglob("*.png"))
+    assert pngs == sorted(p.read_bytes() for p in (tmp_path / "from-folders").rglob("*.png"))  # the same pixels
+    for command, out in (("reconstruct", "rec"), ("encode", "enc")):
+        if command == "encode":
+            assert run(command, tmp_path / "two.parquet", tmp_path / out, "--image-column", "img")[0] == 0
+        code, output = run(command, tmp_path / "two.parquet", tmp_path / out, "--image-column", "mirrored")
+        assert code == 1 and "different image_column" in output and "--overwrite" in output, output
+    code, output = run("reconstruct", tmp_path / "two.parquet", tmp_path / "rec", "--image-column", "mirrored",
+                       "--overwrite")  # fmt: skip
+    assert code == 0, output
+    assert sorted(p.read_bytes() for p in (tmp_path / "rec").rglob("*.png")) != pngs
+
+
 # ---------------------------------------------------------------- resume and ranks
 
 

@@ -327,6 +327,7 @@ def reconstruct(
     no_crop: bool = _NO_CROP,
     assign: str = _ASSIGN,
     side_by_side: bool = typer.Option(False, "--side-by-side", help="Write original | reconstruction."),
+    image_column: str = _IMAGE_COLUMN,
     batch_size: int = _BATCH,
     workers: int | None = _WORKERS,
     device: str = _DEVICE,
@@ -343,9 +344,10 @@ def reconstruct(
     from optvq_cli import sources
     from optvq_cli.tokenize import pipeline as codec
 
+    columns = sources.SourceOptions(image_column=image_column)
     with _interruptible():
         codec.check_options(assign)
-        sources.check(input, exclude=[output])  # before the slow model load
+        sources.check(input, exclude=[output], options=columns)  # before the slow model load
         codec.check_output_path(output)
         codec.refuse_if_busy(output)  # at once, not after the model load
         m = _load(model, revision, device)
@@ -364,6 +366,7 @@ def reconstruct(
                 workers=workers,
                 overwrite=overwrite,
                 strict=strict,
+                source_options=columns,
                 on_progress=on_progress,
                 on_failure=on_failure,
             )

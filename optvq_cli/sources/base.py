@@ -127,6 +127,11 @@ class Source:
         """A member's bytes as a binary file (plain files are opened by the item itself)."""
         return open(item.path, "rb")
 
+    def settings(self) -> dict[str, Any]:
+        """The options that change which pixels an item yields: part of an output's fingerprint,
+        so a rerun with others is refused rather than resumed onto stale outputs."""
+        return {}
+
     @property
     def cache(self) -> dict:
         """A per-process store (e.g. the last decoded row group); not pickled to workers."""

@@ -219,6 +219,9 @@ class ParquetFiles(Source):
     def recognises(cls, input: Path) -> bool:
         return is_parquet_spec(input)
 
+    def settings(self) -> dict:
+        return {"image_column": self.options.image_column}
+
     def check(self, exclude=()) -> None:
         """The file list, and the columns of the first readable file: a wrong --image-column or
         --label-column is one line before the model loads."""

@@ -28,7 +28,7 @@ from optvq_cli.tokenize.batching import (
 )
 from optvq_cli.tokenize.outputs import Output, same_source
 
-_SETTINGS = ("preprocess", "assign", "batch_size", "layout", "dtype")  # batch_size: sinkhorn only
+_SETTINGS = ("preprocess", "assign", "batch_size", "layout", "dtype", "image_column")  # batch_size: sinkhorn only
 
 
 def npy_writer(array: np.ndarray) -> Callable[[Path], None]:
@@ -138,6 +138,7 @@ def encode(
     root, items, problems = found.root, found.items, found.problems
     out.refuse_holding([it.path for it in items])
     header = _header(model, model_ref, revision, pre, assign, batch_size, pack, root)
+    header.update(found.source.settings())  # e.g. the Parquet column the pixels come from
     targets = {tk.PACKED, tk.PATHS} if pack else {f"{it.name}.npy" for it in items}
     with out.locked(lambda: out.prepare(header, _SETTINGS, targets, overwrite)) as existing:
         job = _Job(model, out, root, items, header, pre, assign, batch_size, workers_or_default(workers), overwrite)

@@ -184,7 +184,7 @@ class _Inputs:
     rels: list[str]  # relative to root, with the extension (or SHARD/member): the shards' path column
     labels: list[int]
     problems: list[tuple[str, str]]  # inputs that could not be planned (missing, unreadable folders)
-    kind: str  # the kind of source: folder, list, file, tar, parquet
+    settings: dict  # the source's options that change the pixels (Source.settings)
 
 
 def _inputs(
@@ -193,7 +193,7 @@ def _inputs(
     found = sources.find(input, exclude=[output], options=options)
     lab, classes, source = sources.assign_labels(found, labels)
     rels = [it.rel for it in found.items]
-    return _Inputs(found.root, found.items, rels, lab, found.problems, found.source.kind), classes, source
+    return _Inputs(found.root, found.items, rels, lab, found.problems, found.source.settings()), classes, source
 
 
 def _gather_errors(error: BaseException | None, then: Callable[[], None] | None = None) -> None:
@@ -218,8 +218,7 @@ def _encode(model: Any, input: Path, output: Path, opts: dict, progress: Any, on
     inp, classes, source = _inputs(input, output, opts["labels"], opts["source_options"])
     header = shard_header(model, opts["model_ref"], opts["revision"], pre, opts, inp.root)
     header.update(labels=source, classes=classes)
-    if inp.kind == "parquet":  # the column the pixels came from: part of the shards' fingerprint
-        header["image_column"] = opts["source_options"].image_column
+    header.update(inp.settings)  # e.g. the Parquet column the pixels came from
     plans = make_plan(inp.rels, inp.labels, opts["shard_size"], plan_settings(header))
     digest = plan_sha256(plans, opts["shard_size"])
     header["plan"] = {"shard_size": opts["shard_size"], "inputs": len(inp.rels), "shards": len(plans), "sha256": digest}

@@ -30,7 +30,7 @@ from optvq_cli.tokenize.batching import (
 )
 from optvq_cli.tokenize.outputs import Output, same_source
 
-_SETTINGS = ("preprocess", "assign", "batch_size", "side_by_side")
+_SETTINGS = ("preprocess", "assign", "batch_size", "side_by_side", "image_column")
 
 
 def psnr_rgb(a: np.ndarray, b: np.ndarray) -> float:
@@ -92,21 +92,24 @@ def reconstruct(
     workers: int | None = None,
     overwrite: bool = False,
     strict: bool = False,
+    source_options: sources.SourceOptions | None = None,
     on_progress: Progress | None = None,
     on_failure: OnFailure | None = None,
 ) -> Summary:
-    """Encode and decode in one pass (see the module doc). OUTPUT must lie outside INPUT."""
+    """Encode and decode in one pass (see the module doc). OUTPUT must lie outside INPUT;
+    ``source_options``: how INPUT is read (the Parquet image column)."""
     check_options(assign)
     check_counts(batch_size, workers)
     input, output = Path(input), Path(output)
     out = Output(output, tk.RECONSTRUCT_FORMAT, ".png", "reconstructions")
     pre = make_preprocess(model, size, crop)
     out.refuse_inside(input)
-    found = sources.find(input, exclude=[output])
+    found = sources.find(input, exclude=[output], options=source_options)
     root, items, problems = found.root, found.items, found.problems
     out.refuse_holding([it.path for it in items])
     _refuse_links_to_inputs(output, items)
     header = _header(model, model_ref, revision, pre, assign, batch_size, side_by_side, root)
+    header.update(found.source.settings())  # e.g. the Parquet column the pixels come from
     targets = {f"{it.name}.png" for it in items}
     with out.locked(lambda: out.prepare(header, _SETTINGS, targets, overwrite)) as existing:
         run = Run(Summary("reconstruct", output, total=len(items) + len(problems)), strict, on_progress, on_failure)
