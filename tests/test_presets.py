@@ -24,3 +24,18 @@ def test_photo_recipe():
     assert cfg.loss.perceptual > 0 and cfg.loss.perceptual_net == "alex" and cfg.ema > 0
     assert cfg.loss.l1 > 0 and cfg.loss.l2 > 0 and cfg.loss.gan == 0
     assert cfg.model == {"assign": "sinkhorn"} and cfg.quantizer.method == "optvq"
+
+
+def test_the_bundled_default_model_is_the_photo_preset():
+    """What the model card says: the `photo` architecture, trained by `optvq train` with that
+    preset, small enough to ship (<= 25 MB), and its weights the file the config records."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).parents[1] / "checkpoints" / "default"
+    doc = json.loads((folder / "config.json").read_text())
+    weights = (folder / "model.safetensors").read_bytes()
+    assert doc["model"] == PRESETS["photo"].to_dict()
+    assert doc["metadata"]["preset"] == "photo" and doc["metadata"]["trained_with"] == "optvq train"
+    assert len(weights) <= 25 * 2**20 and hashlib.sha256(weights).hexdigest() == doc["weights_sha256"]
