@@ -201,12 +201,12 @@ def test_sinkhorn_assignment_works_and_is_marked_batch_dependent(photos, tiny_mo
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["assign"] == "sinkhorn" and manifest["batch_dependent"] is True
     assert manifest["batch_size"] == 12
-    # one batch of all 12 images: the same as the model's sinkhorn on that batch, in file order, from
-    # a channels-last view too (the layout of this tensor), on 1 thread as on 2 (1 thread took
-    # another convolution path for that layout, and flipped near-tied tokens)
+    # one batch of all 12 images: the same as the model's sinkhorn on that batch, in file order, on 1
+    # thread as on 2; in the contiguous layout encode hands the model (a channels-last view takes
+    # other convolution kernels on 1 thread, and flips near-tied tokens of this random model)
     order = sorted(PHOTOS, key=lambda p: p[1])
     hand = [preprocess_reference(photos / rel) for _, rel in order]
-    x = torch.from_numpy(np.stack(hand)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = (torch.from_numpy(np.stack(hand)).permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous()
     g = grids(out)
     got = np.stack([g[Path(rel).with_suffix("").as_posix()] for _, rel in order])
     threads = torch.get_num_threads()

@@ -228,8 +228,7 @@ class OptVQModel(nn.Module):
         """Token grids (B, heads, h, w), int64. ``nearest`` is batch-independent (the encoder runs
         on fixed-shape chunks, see ``features_fixed``); ``sinkhorn`` assigns the whole batch as one
         pool, exactly as the authors' models do."""
-        # one memory layout (see features_fixed): a permuted or channels-last batch takes another path
-        z = self.features_fixed(images) if assign == "nearest" else self.features(images.contiguous())
+        z = self.features_fixed(images) if assign == "nearest" else self.features(images)
         return self.quantize.indices(z, assign=assign)
 
     @torch.no_grad()
