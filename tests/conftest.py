@@ -12,7 +12,7 @@ SKIMAGE = Path(__import__("skimage").__file__).parent / "data"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
 
 # A shards run slowed to be SIGKILLed between two shards: argv model, INPUT, OUTPUT[, size].
-SLOW_SHARDS_RUN = """
+_SLOW_SHARDS_RUN = """
 import sys, time
 from pathlib import Path
 from optvq_cli.model import load_model
@@ -27,6 +27,31 @@ model = load_model(sys.argv[1], device="cpu")
 size = {"size": int(sys.argv[4])} if len(sys.argv) > 4 else {}
 extract.encode_shards(model, Path(sys.argv[2]), Path(sys.argv[3]), shard_size=2, batch_size=1, workers=0, **size)
 """
+
+
+def sigkill_a_shards_run(model_dir: Path, input: str | Path, out: Path, *size: str) -> None:
+    """Start a slowed `encode_shards` (shards of 2 images) in a subprocess and SIGKILL it once its
+    first shard is written: OUTPUT then holds shard 0 and not shard 2."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from optvq_cli.tokenize.shards import shard_name
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = [sys.executable, "-c", _SLOW_SHARDS_RUN, str(model_dir), str(input), str(out), *size]
+    proc = subprocess.Popen(args, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / shard_name(0)).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert (out / shard_name(0)).exists() and not (out / shard_name(2)).exists()
 
 
 def photo_crops(n: int, size: int, grey: bool = False) -> np.ndarray:

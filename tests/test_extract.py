@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
-from conftest import SLOW_SHARDS_RUN
+from conftest import sigkill_a_shards_run
 from PIL import Image
 
 from optvq_cli.core.errors import UserError
@@ -327,17 +326,7 @@ def test_sinkhorn_index_says_batches_are_pools(tmp_path, model):
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, model, model_dir):
     src = _class_folders(tmp_path / "in")
     out, whole = tmp_path / "out", tmp_path / "whole"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SHARDS_RUN, str(model_dir), str(src), str(out)], env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / shard_name(0)).exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert (out / shard_name(0)).exists() and not (out / shard_name(2)).exists()
+    sigkill_a_shards_run(model_dir, src, out)
     resumed = _encode(model, src, out, shard_size=2, batch_size=1)
     assert resumed.shards_skipped >= 1 and resumed.written <= 4
     _encode(model, src, whole, shard_size=2, batch_size=1)

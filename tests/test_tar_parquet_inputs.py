@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch.multiprocessing as mp
-from conftest import SKIMAGE, SLOW_SHARDS_RUN
+from conftest import SKIMAGE, sigkill_a_shards_run
 from PIL import Image
-from test_extract import REPO, _files, _rank
+from test_extract import _files, _rank
 from test_extract import model_dir as model_dir  # noqa: F401 - the fixture: a model whose codes spread
 
 from optvq_cli import sources
@@ -315,18 +310,8 @@ def test_a_sigkilled_tar_run_resumes_to_the_same_bytes(inputs, model_dir, tmp_pa
     from optvq_cli.tokenize.extract import encode_shards
 
     out, whole = tmp_path / "out", tmp_path / "whole"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     src = str(inputs["shards"])
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SHARDS_RUN, str(model_dir), src, str(out), "32"], env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / shard_name(0)).exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert (out / shard_name(0)).exists() and not (out / shard_name(2)).exists()
+    sigkill_a_shards_run(model_dir, src, out, "32")
     model = load_model(model_dir, device="cpu")
     resumed = encode_shards(model, Path(src), out, size=32, shard_size=2, batch_size=1, workers=0)
     assert resumed.shards_skipped >= 1 and resumed.written <= 4
